@@ -1,0 +1,26 @@
+"""Host-agnostic compile engine: backends behind one interface, the mode string, and the
+compiled stand-in for a denoiser. Knows nothing of ComfyUI."""
+
+from . import registry
+from .compiled import CompiledModule, CompileStats
+from .errors import BackendUnavailable, CompileFailed, ConfigError, DiffBoostError
+from .inductor import InductorBackend
+from .modes import CompileMode, parse_mode
+from .onediff import NEXFORT, ONEFLOW
+from .options import CompileOptions
+
+registry.register(InductorBackend())
+registry.register(NEXFORT)
+registry.register(ONEFLOW)
+
+
+def compile_module(module, options: CompileOptions, label: str = "model",
+                   passthrough_errors: tuple = ()) -> CompiledModule:
+    """Compile `module` with the backend `options` names. Raises ConfigError or BackendUnavailable
+    at once, before anything is built, when the backend is unknown or cannot run here."""
+    backend = registry.get_available(options.backend)
+    return CompiledModule(module, options, backend, label=label, passthrough_errors=passthrough_errors)
+
+
+__all__ = ["BackendUnavailable", "CompileFailed", "CompileMode", "CompileOptions", "CompileStats",
+           "CompiledModule", "ConfigError", "DiffBoostError", "compile_module", "parse_mode", "registry"]

@@ -1,0 +1,112 @@
+"""CompiledModule: a compiled stand-in for a model's denoiser that compiles on its first call,
+counts every (re)compile, and falls back to the original module when the backend fails."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import CompileFailed
+from .options import CompileOptions
+from .runtime import runtime_switches
+
+log = logging.getLogger("diffboost")
+
+
+@dataclass
+class CompileStats:
+    """What a compiled model has done so far. Read it; only CompiledModule writes it."""
+
+    graphs_compiled: int = 0
+    calls: int = 0
+    compile_seconds: float = 0.0  # wall time of the calls during which a graph was compiled
+    first_call_seconds: float | None = None
+    failure: str | None = None  # set once the backend failed and the model fell back to eager
+    events: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"graphs_compiled": self.graphs_compiled, "calls": self.calls,
+                "compile_seconds": round(self.compile_seconds, 3),
+                "first_call_seconds": None if self.first_call_seconds is None else round(self.first_call_seconds, 3),
+                "failure": self.failure}
+
+
+class CompiledModule(torch.nn.Module):
+    """Callable like `original`; runs the backend's compiled version of it.
+
+    The original module is held, not registered as a child, so this object adds no parameters and
+    changes nothing in the module that other model clones share. Unknown attributes (`dtype`, ...)
+    are read from the original.
+    """
+
+    def __init__(self, original: torch.nn.Module, options: CompileOptions, backend,
+                 label: str = "model", passthrough_errors: tuple[type[BaseException], ...] = ()):
+        super().__init__()
+        object.__setattr__(self, "_original", original)
+        self.options = options
+        self.label = label
+        self.stats = CompileStats()
+        self._passthrough = (torch.OutOfMemoryError, KeyboardInterrupt, *passthrough_errors)
+        self._lock = threading.Lock()
+        self._compiled = backend.compile(original, options, self._count_graph)
+
+    @property
+    def original(self) -> torch.nn.Module:
+        return self._original
+
+    def _count_graph(self) -> None:
+        self.stats.graphs_compiled += 1
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, *args, **kwargs):
+        stats = self.stats
+        if stats.failure is not None:
+            return self._original(*args, **kwargs)
+        if self.options.memory_format == "channels_last" and args and _is_image_batch(args[0]):
+            args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+        graphs_before = stats.graphs_compiled
+        start = time.perf_counter()
+        try:
+            with self._lock, runtime_switches(self.options.mode):
+                if self.options.mode.cudagraphs:
+                    # A new sampling step: earlier CUDA-graph outputs may be overwritten from here on.
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = self._compiled(*args, **kwargs)
+                if self.options.mode.cudagraphs and torch.is_tensor(out):
+                    out = out.clone()  # the graph's output buffer is reused by the next replay
+        except self._passthrough:
+            raise
+        except Exception as e:  # the backend failed: fall back or fail, as the user chose
+            reason = f"{type(e).__name__}: {e}".strip()
+            if len(reason) > 600:
+                reason = reason[:600] + " ..."
+            if not self.options.falls_back:
+                raise CompileFailed(
+                    f"{self.options.backend} could not compile or run the {self.label}: {reason}. "
+                    "Set on_failure to 'fall back to eager' to run without compilation, or choose "
+                    "another backend or mode.") from e
+            stats.failure = reason
+            stats.events.append(f"fell back to eager: {reason}")
+            log.warning("diffboost: %s failed on the %s, running it uncompiled from now on: %s",
+                        self.options.backend, self.label, reason)
+            return self._original(*args, **kwargs)
+        elapsed = time.perf_counter() - start
+        stats.calls += 1
+        if stats.first_call_seconds is None:
+            stats.first_call_seconds = elapsed
+        if stats.graphs_compiled > graphs_before:
+            stats.compile_seconds += elapsed
+        return out
+
+
+def _is_image_batch(x) -> bool:
+    return torch.is_tensor(x) and x.dim() == 4

@@ -1,0 +1,99 @@
+"""The `inductor` backend: torch.compile, with the mode string mapped to inductor settings.
+
+| mode flag       | inductor setting (per compile, never process-wide)                              |
+|-----------------|----------------------------------------------------------------------------------|
+| max-autotune    | max_autotune                                                                     |
+| max-optimize    | coordinate_descent_tuning, coordinate_descent_check_all_directions,              |
+|                 | conv_1x1_as_mm, epilogue_fusion=False (diffusion-fast's recipe)                  |
+| cudagraphs      | triton.cudagraphs (inductor's CUDA graph trees)                                  |
+| freezing        | freezing (weights become constants: LoRA changes after compile are not seen)     |
+| cache-all       | fx_graph_cache, autotune_local_cache                                             |
+| jit             | max_autotune=False, coordinate_descent_tuning=False                              |
+| low-precision   | run time: reduced-precision fp16/bf16 matmul reductions, TF32 (restored after)   |
+| benchmark       | run time: cudnn.benchmark (restored after)                                       |
+| channels_last   | layout_optimization; 4-D inputs passed in channels_last                          |
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from .base import Backend
+from .fuse import fuse_parallel_linears
+from .modes import CompileMode
+from .options import CompileOptions
+
+
+def inductor_settings(mode: CompileMode, memory_format: str = "preserve") -> dict:
+    """The inductor config patches a mode asks for (only keys this torch knows)."""
+    s: dict = {}
+    if mode.max_autotune:
+        s["max_autotune"] = True
+    if mode.max_optimize:
+        s.update(coordinate_descent_tuning=True, coordinate_descent_check_all_directions=True,
+                 conv_1x1_as_mm=True, epilogue_fusion=False)
+    if mode.cudagraphs:
+        s["triton.cudagraphs"] = True
+    if mode.freezing:
+        s["freezing"] = True
+    if mode.cache_all:
+        s.update(fx_graph_cache=True, autotune_local_cache=True)
+    if mode.jit:
+        s.update(max_autotune=False, coordinate_descent_tuning=False)
+    if memory_format == "channels_last":
+        s["layout_optimization"] = True
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    return {k: v for k, v in s.items() if k.replace("-", "_") in known}
+
+
+class _CountingInductor(torch._TorchCompileInductorWrapper):
+    """Inductor that reports each graph it compiles and applies the graph passes we own."""
+
+    def __init__(self, settings: dict, dynamic: bool | None, fuse_qkv: bool, on_graph: Callable[[], None]):
+        super().__init__(None, settings, dynamic)
+        self._fuse_qkv = fuse_qkv
+        self._on_graph = on_graph
+
+    # Compiled code is shared between torch.compile calls whose backends compare equal; each
+    # compiled model owns its graphs (its own options, its own count), so compare by identity.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __call__(self, model_, inputs_, **kwargs):
+        self._on_graph()
+        if self._fuse_qkv:
+            fuse_parallel_linears(model_)
+        return super().__call__(model_, inputs_, **kwargs)
+
+
+RECOMPILE_LIMIT = 64
+
+
+def keep_transformer_options_unguarded(guard_entries) -> list[bool]:
+    """Patches and wrappers live in transformer_options and change between prompts; guarding on
+    them recompiles for nothing (ComfyUI's own compile drops them the same way)."""
+    return ["transformer_options" not in entry.name for entry in guard_entries]
+
+
+class InductorBackend(Backend):
+    name = "inductor"
+    summary = "torch.compile with inductor (built into PyTorch)"
+
+    def compile(self, module: torch.nn.Module, options: CompileOptions,
+                on_graph: Callable[[], None]) -> Callable:
+        backend = _CountingInductor(inductor_settings(options.mode, options.memory_format),
+                                    options.dynamic_flag, options.fuse_qkv, on_graph)
+        kwargs = {}
+        accepted = inspect.signature(torch.compile).parameters
+        if "recompile_limit" in accepted:
+            # Each resolution/batch may add a graph; keep more than dynamo's default of 8 per model.
+            kwargs["recompile_limit"] = RECOMPILE_LIMIT
+        if "isolate_recompiles" in accepted:
+            kwargs["isolate_recompiles"] = True  # other compiles of the same class don't count against us
+        return torch.compile(module, backend=backend, dynamic=options.dynamic_flag,
+                             options={"guard_filter_fn": keep_transformer_options_unguarded}, **kwargs)

@@ -1,0 +1,97 @@
+"""The compile mode string: onediff/nexfort's colon-separated flags, the O2/O3 presets, and
+torch.compile's own mode names, parsed into one immutable `CompileMode`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .errors import ConfigError
+
+# Each flag of the seeds' mode strings, with what it means for the user.
+FLAGS = {
+    "max-autotune": "autotune the matrix-multiply and convolution kernels (slower compile)",
+    "max-optimize": "the most aggressive fusion settings (coordinate-descent tuning, 1x1 convs as matmuls)",
+    "cudagraphs": "replay the whole denoiser step as one CUDA graph (removes launch overhead)",
+    "freezing": "fold the weights into the compiled graph as constants (weights can no longer change)",
+    "low-precision": "allow reduced-precision reductions in fp16/bf16 matmuls",
+    "benchmark": "let cuDNN pick the fastest convolution algorithm per shape",
+    "cache-all": "keep every compiled artifact in the persistent cache",
+    "jit": "compile quickly with fewer optimisations",
+    "disable-runtime-fusion": "do not fuse kernels at run time (nexfort only)",
+}
+
+# The presets: what the seeds call O2 ("precise, dynamic-resolution friendly") and O3 ("fastest").
+PRESETS = {
+    "O2": ("max-optimize", "max-autotune", "cache-all"),
+    "O3": ("max-optimize", "max-autotune", "low-precision", "cache-all", "cudagraphs"),
+}
+
+# torch.compile's own mode names, as the flags they stand for.
+TORCH_MODES = {
+    "default": (),
+    "reduce-overhead": ("cudagraphs",),
+    "max-autotune": ("max-autotune", "cudagraphs"),
+    "max-autotune-no-cudagraphs": ("max-autotune",),
+}
+
+# Pairs of flags that cannot be asked for together.
+CONFLICTS = {
+    frozenset({"jit", "max-autotune"}): "'jit' asks for a quick compile, 'max-autotune' for a long one",
+    frozenset({"jit", "max-optimize"}): "'jit' asks for a quick compile, 'max-optimize' for a long one",
+}
+
+MODE_CHOICES = ["O2", "O3", *TORCH_MODES, "max-optimize:max-autotune:low-precision",
+                "max-optimize:max-autotune:freezing:benchmark:low-precision:cudagraphs:cache-all"]
+
+
+@dataclass(frozen=True)
+class CompileMode:
+    """Which optimisations a compile asks for. Build it with `parse_mode`."""
+
+    max_autotune: bool = False
+    max_optimize: bool = False
+    cudagraphs: bool = False
+    freezing: bool = False
+    low_precision: bool = False
+    benchmark: bool = False
+    cache_all: bool = False
+    jit: bool = False
+    disable_runtime_fusion: bool = False
+    text: str = "default"
+
+    def flags(self) -> list[str]:
+        """The flags that are on, in the mode string's spelling."""
+        return [f.name.replace("_", "-") for f in fields(self) if f.name != "text" and getattr(self, f.name)]
+
+
+def parse_mode(text: str) -> CompileMode:
+    """Parse a mode string such as ``max-optimize:max-autotune:low-precision``, ``O3`` or
+    ``reduce-overhead``. Presets and torch mode names may be combined with flags (``O2:cudagraphs``).
+
+    Raises ConfigError for an empty part, an unknown word or two flags that contradict each other.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("mode is empty: choose a preset such as 'O2' or 'O3', or flags such as "
+                          "'max-optimize:max-autotune'")
+    text = text.strip()
+    # A lone torch mode name is taken whole: 'max-autotune' alone means torch's mode of that name.
+    words = [text] if text in TORCH_MODES else text.split(":")
+    on: set[str] = set()
+    for word in words:
+        word = word.strip()
+        if not word:
+            raise ConfigError(f"mode '{text}' has an empty part between colons: write flags like "
+                              "'max-optimize:max-autotune'")
+        if word in PRESETS:
+            on.update(PRESETS[word])
+        elif word in FLAGS:
+            on.add(word)
+        elif word in TORCH_MODES:
+            on.update(TORCH_MODES[word])
+        else:
+            known = ", ".join([*PRESETS, *FLAGS, *TORCH_MODES])
+            raise ConfigError(f"mode '{text}' has an unknown part '{word}': use one of {known}")
+    for pair, why in CONFLICTS.items():
+        if pair <= on:
+            raise ConfigError(f"mode '{text}' contradicts itself: {why}; drop one of them")
+    return CompileMode(text=text, **{w.replace("-", "_"): True for w in on})

@@ -1,0 +1,71 @@
+"""Compile Model (diffboost): MODEL in, compiled MODEL out (a clone; the input keeps working)."""
+
+from __future__ import annotations
+
+import comfy.model_management
+from comfy_api.latest import io
+
+from ..backends import ConfigError, DiffBoostError, compile_module, registry
+from ..backends.modes import MODE_CHOICES
+from ..backends.options import DYNAMIC_CHOICES, MEMORY_FORMATS, ON_FAILURE, CompileOptions
+from .errors import node_error
+from .patching import attach_compiled, describe
+
+
+
+class CompileModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiffBoostCompileModel",
+            display_name="Compile Model (diffboost)",
+            category="diffboost",
+            description="Compile the diffusion model (UNet or DiT) so each sampling step runs faster. "
+                        "The first sampling run compiles (seconds to minutes); later runs reuse it.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("backend", options=registry.names(), default="inductor",
+                               tooltip="inductor is built into PyTorch; nexfort and oneflow need onediff."),
+                io.String.Input("mode", default="O2",
+                                tooltip="A preset (O2 precise, O3 fastest), a torch.compile mode, or "
+                                        "flags joined by ':' such as max-optimize:max-autotune:low-precision. "
+                                        f"Examples: {', '.join(MODE_CHOICES)}."),
+                io.Combo.Input("memory_format", options=list(MEMORY_FORMATS), default="preserve"),
+                io.Combo.Input("dynamic", options=list(DYNAMIC_CHOICES), default="auto",
+                               tooltip="on: one compile serves every resolution and batch size."),
+                io.Boolean.Input("fuse_qkv", default=False,
+                                 tooltip="Run attention's q, k and v projections as one matrix multiply."),
+                io.Combo.Input("on_failure", options=list(ON_FAILURE), default=ON_FAILURE[0]),
+            ],
+            outputs=[io.Model.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, backend=None, mode=None, **kwargs) -> bool | str:
+        # Only literal widget values are checked here; linked inputs arrive as None.
+        try:
+            if backend is not None:
+                registry.get(backend)
+            if mode is not None:
+                from ..backends.modes import parse_mode
+
+                parse_mode(mode)
+        except ConfigError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, model, backend, mode, memory_format, dynamic, fuse_qkv, on_failure) -> io.NodeOutput:
+        where = f"Compile Model (diffboost), node {cls.hidden.unique_id}"
+        try:
+            options = CompileOptions.from_user(backend, mode, memory_format, dynamic, fuse_qkv, on_failure)
+            diffusion_model = model.get_model_object("diffusion_model")
+            compiled = compile_module(
+                diffusion_model, options,
+                label=f"{type(model.model).__name__} diffusion model (from {where})",
+                passthrough_errors=(comfy.model_management.InterruptProcessingException,))
+        except DiffBoostError as e:
+            raise node_error(where, e) from e
+        m = attach_compiled(model, compiled)
+        return io.NodeOutput(m, ui={"text": [describe(m)]})
