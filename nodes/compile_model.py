@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import comfy.model_management
 from comfy_api.latest import io
 
-from ..backends import ConfigError, DiffBoostError, compile_module, registry
+from ..backends import ConfigError, DiffBoostError, registry
 from ..backends.modes import MODE_CHOICES
 from ..backends.options import DYNAMIC_CHOICES, MEMORY_FORMATS, ON_FAILURE, CompileOptions
 from .errors import node_error
-from .patching import attach_compiled, describe
-
+from .patching import describe, with_boost
 
 
 class CompileModel(io.ComfyNode):
@@ -60,12 +58,8 @@ class CompileModel(io.ComfyNode):
         where = f"Compile Model (diffboost), node {cls.hidden.unique_id}"
         try:
             options = CompileOptions.from_user(backend, mode, memory_format, dynamic, fuse_qkv, on_failure)
-            diffusion_model = model.get_model_object("diffusion_model")
-            compiled = compile_module(
-                diffusion_model, options,
-                label=f"{type(model.model).__name__} diffusion model (from {where})",
-                passthrough_errors=(comfy.model_management.InterruptProcessingException,))
+            m = with_boost(model, compile_options=options,
+                           compile_label=f"{type(model.model).__name__} diffusion model (from {where})")
         except DiffBoostError as e:
             raise node_error(where, e) from e
-        m = attach_compiled(model, compiled)
         return io.NodeOutput(m, ui={"text": [describe(m)]})

@@ -1,24 +1,80 @@
-"""Putting a compiled denoiser into a ComfyUI model through the wrapper API: the compiled module
-is swapped in only while `apply_model` runs, on a clone, so LoRA and other weight patches keep
-applying to the real module names and other clones never see it."""
+"""Putting diffboost's denoiser into a ComfyUI model through the wrapper API.
+
+What diffboost did to a model is one `BoostState` kept in the clone's model_options: the compile
+options and the quantizer, in whatever order the nodes were chained. From it, one APPLY_MODEL
+wrapper swaps the effective denoiser (quantized view, then compiled) in only while `apply_model`
+runs and restores the original afterwards, so LoRA and other weight patches keep applying to the
+real module names and other clones never see it. The shared module is never changed.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import comfy.model_management
 import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
-COMPILE_KEY = "diffboost.compile"
-STATE_KEY = "diffboost"  # model_options entry describing what diffboost did to this clone
+from ..backends import CompiledModule, CompileOptions, compile_module
+
+WRAPPER_KEY = "diffboost"
+STATE_KEY = "diffboost"  # model_options entry holding the BoostState of this clone
+DENOISER = "diffusion_model"
 
 
-def swap_in_while_applying(compiled_by_key: dict):
-    """An APPLY_MODEL wrapper that puts `compiled_by_key` (attribute path -> module) in place for
+@dataclass(frozen=True)
+class BoostState:
+    compile_options: CompileOptions | None = None
+    compile_label: str = "diffusion model"
+    # Builds a quantized stand-in for the denoiser (never changing its argument), and says what it did.
+    quantizer: Callable | None = None
+    quantization: str = ""
+    denoiser: object = None  # the effective module swapped in: quantized view and/or CompiledModule
+    compiled: CompiledModule | None = None
+
+
+def state_of(model) -> BoostState:
+    return model.model_options.get(STATE_KEY) or BoostState()
+
+
+def compiled_of(model) -> CompiledModule | None:
+    """The CompiledModule diffboost attached to this model, or None."""
+    return state_of(model).compiled
+
+
+def with_boost(model, **changes) -> object:
+    """A clone of `model` with its BoostState updated by `changes` and the denoiser rebuilt.
+
+    Raises what the engine raises (ConfigError, BackendUnavailable, ...) before anything is attached,
+    so a failing node leaves no half-applied state behind; `model` itself is never touched.
+    """
+    state = replace(state_of(model), **changes)
+    original = model.get_model_object(DENOISER)
+    denoiser = state.quantizer(original) if state.quantizer is not None else original
+    compiled = None
+    if state.compile_options is not None:
+        compiled = compile_module(
+            denoiser, state.compile_options, label=state.compile_label,
+            passthrough_errors=(comfy.model_management.InterruptProcessingException,))
+        denoiser = compiled
+    state = replace(state, denoiser=denoiser, compiled=compiled)
+    m = model.clone()
+    m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    if denoiser is not original:
+        m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, swap_in_while_applying({DENOISER: denoiser}))
+    m.model_options[STATE_KEY] = state
+    return m
+
+
+def swap_in_while_applying(modules_by_key: dict):
+    """An APPLY_MODEL wrapper that puts `modules_by_key` (attribute path -> module) in place for
     the call and restores the originals afterwards, also when the call raises."""
 
     def wrapper(executor, *args, **kwargs):
         originals = {}
         try:
-            for key, module in compiled_by_key.items():
+            for key, module in modules_by_key.items():
                 originals[key] = comfy.utils.get_attr(executor.class_obj, key)
                 comfy.utils.set_attr(executor.class_obj, key, module)
             return executor(*args, **kwargs)
@@ -29,32 +85,15 @@ def swap_in_while_applying(compiled_by_key: dict):
     return wrapper
 
 
-def attach_compiled(model, compiled, key: str = "diffusion_model"):
-    """Return a clone of `model` whose denoiser runs `compiled`. `model` itself is untouched."""
-    m = model.clone()
-    m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY)
-    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY, swap_in_while_applying({key: compiled}))
-    state = dict(m.model_options.get(STATE_KEY, {}))
-    state["compiled"] = compiled
-    m.model_options[STATE_KEY] = state
-    return m
-
-
-def compiled_of(model):
-    """The CompiledModule diffboost attached to this model, or None."""
-    return model.model_options.get(STATE_KEY, {}).get("compiled")
-
-
 def describe(model) -> str:
     """One line on what diffboost did to the model (compile and quantization state)."""
-    state = model.model_options.get(STATE_KEY, {})
+    state = state_of(model)
     parts = []
-    if state.get("quantized"):
-        parts.append(f"FP8: {state['quantized']}")
-    compiled = state.get("compiled")
-    if compiled is not None:
-        s = compiled.stats
-        text = f"compiled: {compiled.options.describe()}, {s.graphs_compiled} graph(s)"
+    if state.quantization:
+        parts.append(f"FP8: {state.quantization}")
+    if state.compiled is not None:
+        s = state.compiled.stats
+        text = f"compiled: {state.compiled.options.describe()}, {s.graphs_compiled} graph(s) compiled"
         if s.failure:
             text += f", FELL BACK TO EAGER ({s.failure[:120]})"
         parts.append(text)
