@@ -11,6 +11,7 @@
 | jit             | max_autotune=False, coordinate_descent_tuning=False                              |
 | low-precision   | run time: reduced-precision fp16/bf16 matmul reductions, TF32 (restored after)   |
 | benchmark       | run time: cudnn.benchmark (restored after)                                       |
+| regional        | each repeated block compiled once, reused by all its instances (stand-in tree)   |
 | channels_last   | layout_optimization; 4-D inputs passed in channels_last                          |
 """
 
@@ -25,6 +26,8 @@ from .base import Backend
 from .fuse import fuse_parallel_linears
 from .modes import CompileMode
 from .options import CompileOptions
+from .runtime import RECOMPILE_LIMIT
+from .standin import repeated_blocks, replace_submodules, twin_calling
 
 
 def inductor_settings(mode: CompileMode, memory_format: str = "preserve") -> dict:
@@ -71,9 +74,6 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
         return super().__call__(model_, inputs_, **kwargs)
 
 
-RECOMPILE_LIMIT = 64
-
-
 def keep_transformer_options_unguarded(guard_entries) -> list[bool]:
     """Patches and wrappers live in transformer_options and change between prompts; guarding on
     them recompiles for nothing (ComfyUI's own compile drops them the same way)."""
@@ -95,5 +95,14 @@ class InductorBackend(Backend):
             kwargs["recompile_limit"] = RECOMPILE_LIMIT
         if "isolate_recompiles" in accepted:
             kwargs["isolate_recompiles"] = True  # other compiles of the same class don't count against us
-        return torch.compile(module, backend=backend, dynamic=options.dynamic_flag,
-                             options={"guard_filter_fn": keep_transformer_options_unguarded}, **kwargs)
+
+        def compile_one(m: torch.nn.Module):
+            return torch.compile(m, backend=backend, dynamic=options.dynamic_flag,
+                                 options={"guard_filter_fn": keep_transformer_options_unguarded}, **kwargs)
+
+        if not options.mode.regional:
+            return compile_one(module)
+        # One compiled graph per block shape serves every instance: params are graph inputs.
+        blocks = repeated_blocks(module)
+        return replace_submodules(
+            module, lambda name, m: twin_calling(m, compile_one(m)) if type(m) in blocks else None)

@@ -18,6 +18,7 @@ FLAGS = {
     "cache-all": "keep every compiled artifact in the persistent cache",
     "jit": "compile quickly with fewer optimisations",
     "disable-runtime-fusion": "do not fuse kernels at run time (nexfort only)",
+    "regional": "compile each repeated block (transformer/residual block) once and reuse it: much shorter compile",
 }
 
 # The presets: what the seeds call O2 ("precise, dynamic-resolution friendly") and O3 ("fastest").
@@ -57,6 +58,7 @@ class CompileMode:
     cache_all: bool = False
     jit: bool = False
     disable_runtime_fusion: bool = False
+    regional: bool = False
     text: str = "default"
 
     def flags(self) -> list[str]:

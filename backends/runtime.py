@@ -9,6 +9,8 @@ import torch
 
 from .modes import CompileMode
 
+RECOMPILE_LIMIT = 64
+
 
 @contextlib.contextmanager
 def runtime_switches(mode: CompileMode):
@@ -27,6 +29,11 @@ def runtime_switches(mode: CompileMode):
             switch(matmul, "allow_bf16_reduced_precision_reduction", True)
             switch(matmul, "allow_tf32", True)
             switch(torch.backends.cudnn, "allow_tf32", True)
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        if getattr(dynamo, limit) < RECOMPILE_LIMIT:
+            # Older torch has no per-compile limit; blocks of many shapes would hit the default of 8.
+            switch(dynamo, limit, RECOMPILE_LIMIT)
         yield
     finally:
         for obj, attr, value in reversed(saved):

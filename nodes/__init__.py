@@ -1,14 +1,20 @@
-"""The ComfyUI layer: thin node classes over the engine packages."""
+"""The ComfyUI layer: thin node classes over the engine packages.
 
-from comfy_api.latest import ComfyExtension, io
-
-from .compile_model import CompileModel
-
-
-class DiffBoostExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CompileModel]
+The node modules (and comfy_api with them) load only when ComfyUI asks for the extension, so
+`diffboost.nodes.patching` can be used by scripts without pulling in the whole node API."""
 
 
-async def comfy_entrypoint() -> DiffBoostExtension:
+def node_classes() -> list:
+    from .compile_model import CompileModel
+
+    return [CompileModel]
+
+
+async def comfy_entrypoint():
+    from comfy_api.latest import ComfyExtension
+
+    class DiffBoostExtension(ComfyExtension):
+        async def get_node_list(self) -> list:
+            return node_classes()
+
     return DiffBoostExtension()
