@@ -108,10 +108,55 @@ def sample(mp, name, res, steps, seed=1):
     return time.perf_counter() - t, out.float().cpu()
 
 
+def profile_step(mp, name, res, out_dir):
+    """Kernel time of one sampling step by category (eager), to see where a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sample(mp, name, res, 1)
+    cats: dict[str, float] = {}
+    rows = []
+    for e in prof.key_averages():
+        t = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if t <= 0:
+            continue
+        k = e.key.lower()
+        cat = ("attention" if any(w in k for w in ("flash", "fmha", "attention", "sdpa")) else
+               "conv" if any(w in k for w in ("conv", "implicit", "cudnn", "xmma", "sm90_xmma")) else
+               "gemm" if any(w in k for w in ("gemm", "cutlass", "matmul", "nvjet", "sm90")) else
+               "norm" if "norm" in k else "copy/layout" if any(w in k for w in ("copy", "transpose", "nchw", "nhwc"))
+               else "elementwise/other")
+        cats[cat] = cats.get(cat, 0.0) + t / 1e3
+        rows.append((t / 1e3, e.count, e.key[:110]))
+    total = sum(cats.values())
+    print(f"profile of one step ({total:.1f} ms of kernels incl. 1-step overheads):", flush=True)
+    for c, t in sorted(cats.items(), key=lambda x: -x[1]):
+        print(f"  {c:18} {t:8.1f} ms  {100 * t / total:5.1f}%")
+    for t, n, k in sorted(rows, reverse=True)[:25]:
+        print(f"  {t:8.2f} ms {n:5}x {k}")
+    with open(os.path.join(out_dir, f"profile_{name}.json"), "w") as f:
+        json.dump({"categories_ms": cats, "top": sorted(rows, reverse=True)[:80]}, f)
+
+
+def eager_channels_last(m):
+    """Study only: weights and input in channels_last, eager (changes the shared module in place)."""
+    from comfy.patcher_extension import WrappersMP
+
+    m.model.diffusion_model.to(memory_format=torch.channels_last)
+
+    def wrapper(executor, x, *args, **kwargs):
+        return executor(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
+
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "study-cl", wrapper)
+    return m
+
+
 def make_variant(mp, spec):
     m = mp.clone()
     if spec in ("eager", "eager-bf16"):
         return m
+    if spec == "eager-cl":
+        return eager_channels_last(m)
     if spec == "comfy-compile":
         set_torch_compile_wrapper(m, backend="inductor", options={
             "guard_filter_fn": lambda g: [("transformer_options" not in e.name) for e in g]})
@@ -147,6 +192,12 @@ def main():
             mm.soft_empty_cache()
             models[dtype] = build(a.model, dtype)
             mm.load_models_gpu([models[dtype]])
+        if spec == "profile":
+            try:
+                profile_step(models[dtype], a.model, a.res, out_dir)
+            except Exception:
+                traceback.print_exc()
+            continue
         row = {"model": a.model, "variant": label, "spec": spec, "dtype": str(dtype), "res": a.res, "steps": a.steps}
         try:
             m = make_variant(models[dtype], spec)
@@ -178,6 +229,8 @@ def main():
         rows.append(row)
         with open(os.path.join(out_dir, "study.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+        if spec == "eager-cl":
+            models[dtype].model.diffusion_model.to(memory_format=torch.contiguous_format)
         if DEV.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
     print("\nvariant                 it/s   first_call_s  graphs  rel_err    peak_GiB")
