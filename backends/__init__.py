@@ -2,6 +2,7 @@
 compiled stand-in for a denoiser. Knows nothing of ComfyUI."""
 
 from . import registry
+from .cache import CompileCache
 from .compiled import CompiledModule, CompileStats
 from .errors import BackendUnavailable, CompileFailed, ConfigError, DiffBoostError
 from .inductor import InductorBackend
@@ -15,12 +16,13 @@ registry.register(ONEFLOW)
 
 
 def compile_module(module, options: CompileOptions, label: str = "model",
-                   passthrough_errors: tuple = ()) -> CompiledModule:
+                   passthrough_errors: tuple = (), cache: CompileCache | None = None) -> CompiledModule:
     """Compile `module` with the backend `options` names. Raises ConfigError or BackendUnavailable
     at once, before anything is built, when the backend is unknown or cannot run here."""
     backend = registry.get_available(options.backend)
-    return CompiledModule(module, options, backend, label=label, passthrough_errors=passthrough_errors)
+    return CompiledModule(module, options, backend, label=label, passthrough_errors=passthrough_errors,
+                          cache=cache)
 
 
-__all__ = ["BackendUnavailable", "CompileFailed", "CompileMode", "CompileOptions", "CompileStats",
+__all__ = ["BackendUnavailable", "CompileCache", "CompileFailed", "CompileMode", "CompileOptions", "CompileStats",
            "CompiledModule", "ConfigError", "DiffBoostError", "compile_module", "parse_mode", "registry"]

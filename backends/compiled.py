@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import CompileCache, cache_key, device_name
 from .errors import CompileFailed
 from .options import CompileOptions
 from .runtime import runtime_switches
@@ -26,13 +27,14 @@ class CompileStats:
     compile_seconds: float = 0.0  # wall time of the calls during which a graph was compiled
     first_call_seconds: float | None = None
     failure: str | None = None  # set once the backend failed and the model fell back to eager
+    cache: str = "off"  # "off", "miss" (compiled from scratch) or "hit" (artifacts loaded from disk)
     events: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"graphs_compiled": self.graphs_compiled, "calls": self.calls,
                 "compile_seconds": round(self.compile_seconds, 3),
                 "first_call_seconds": None if self.first_call_seconds is None else round(self.first_call_seconds, 3),
-                "failure": self.failure}
+                "failure": self.failure, "cache": self.cache}
 
 
 class CompiledModule(torch.nn.Module):
@@ -44,7 +46,8 @@ class CompiledModule(torch.nn.Module):
     """
 
     def __init__(self, original: torch.nn.Module, options: CompileOptions, backend,
-                 label: str = "model", passthrough_errors: tuple[type[BaseException], ...] = ()):
+                 label: str = "model", passthrough_errors: tuple[type[BaseException], ...] = (),
+                 cache: CompileCache | None = None):
         super().__init__()
         object.__setattr__(self, "_original", original)
         self.options = options
@@ -52,6 +55,8 @@ class CompiledModule(torch.nn.Module):
         self.stats = CompileStats()
         self._passthrough = (torch.OutOfMemoryError, KeyboardInterrupt, *passthrough_errors)
         self._lock = threading.Lock()
+        self._cache = cache
+        self._cache_key: str | None = None
         self._compiled = backend.compile(original, options, self._count_graph)
 
     @property
@@ -73,6 +78,10 @@ class CompiledModule(torch.nn.Module):
             return self._original(*args, **kwargs)
         if self.options.memory_format == "channels_last" and args and _is_image_batch(args[0]):
             args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+        if self._cache is not None and self._cache_key is None:
+            # Keyed at the first call, when the weights sit on the device the graphs are built for.
+            self._cache_key = cache_key(self._original, self.options, device_name(self._original))
+            stats.cache = "hit" if self._cache.load(self._cache_key) else "miss"
         graphs_before = stats.graphs_compiled
         start = time.perf_counter()
         try:
@@ -105,7 +114,15 @@ class CompiledModule(torch.nn.Module):
             stats.first_call_seconds = elapsed
         if stats.graphs_compiled > graphs_before:
             stats.compile_seconds += elapsed
+            if self._cache is not None:
+                self._save_to_cache()
         return out
+
+    def _save_to_cache(self) -> None:
+        try:
+            self._cache.save(self._cache_key)
+        except OSError as e:  # a full or read-only disk must not fail the sampling
+            log.warning("diffboost: could not write the compile cache in %s: %s", self._cache.root, e)
 
 
 def _is_image_batch(x) -> bool:

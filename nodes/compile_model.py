@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..backends import ConfigError, DiffBoostError, registry
 from ..backends.modes import MODE_CHOICES
 from ..backends.options import DYNAMIC_CHOICES, MEMORY_FORMATS, ON_FAILURE, CompileOptions
+from .cache_location import CACHE_CHOICES, open_cache
 from .errors import node_error
 from .patching import describe, with_boost
 
@@ -34,6 +35,9 @@ class CompileModel(io.ComfyNode):
                 io.Boolean.Input("fuse_qkv", default=False,
                                  tooltip="Run attention's q, k and v projections as one matrix multiply."),
                 io.Combo.Input("on_failure", options=list(ON_FAILURE), default=ON_FAILURE[0]),
+                io.Combo.Input("compile_cache", options=list(CACHE_CHOICES), default=CACHE_CHOICES[0],
+                               tooltip="Keep compiled kernels on disk (ComfyUI/user/diffboost/compile-cache) so "
+                                       "the next ComfyUI start skips most of the compile."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -54,11 +58,12 @@ class CompileModel(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, backend, mode, memory_format, dynamic, fuse_qkv, on_failure) -> io.NodeOutput:
+    def execute(cls, model, backend, mode, memory_format, dynamic, fuse_qkv, on_failure,
+                compile_cache=CACHE_CHOICES[0]) -> io.NodeOutput:
         where = f"Compile Model (diffboost), node {cls.hidden.unique_id}"
         try:
             options = CompileOptions.from_user(backend, mode, memory_format, dynamic, fuse_qkv, on_failure)
-            m = with_boost(model, compile_options=options,
+            m = with_boost(model, compile_options=options, compile_cache=open_cache(compile_cache),
                            compile_label=f"{type(model.model).__name__} diffusion model (from {where})")
         except DiffBoostError as e:
             raise node_error(where, e) from e

@@ -16,7 +16,7 @@ import comfy.model_management
 import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
-from ..backends import CompiledModule, CompileOptions, compile_module
+from ..backends import CompileCache, CompiledModule, CompileOptions, compile_module
 
 WRAPPER_KEY = "diffboost"
 STATE_KEY = "diffboost"  # model_options entry holding the BoostState of this clone
@@ -27,6 +27,7 @@ DENOISER = "diffusion_model"
 class BoostState:
     compile_options: CompileOptions | None = None
     compile_label: str = "diffusion model"
+    compile_cache: CompileCache | None = None
     # Builds a quantized stand-in for the denoiser (never changing its argument), and says what it did.
     quantizer: Callable | None = None
     quantization: str = ""
@@ -55,7 +56,7 @@ def with_boost(model, **changes) -> object:
     compiled = None
     if state.compile_options is not None:
         compiled = compile_module(
-            denoiser, state.compile_options, label=state.compile_label,
+            denoiser, state.compile_options, label=state.compile_label, cache=state.compile_cache,
             passthrough_errors=(comfy.model_management.InterruptProcessingException,))
         denoiser = compiled
     state = replace(state, denoiser=denoiser, compiled=compiled)
@@ -94,6 +95,8 @@ def describe(model) -> str:
     if state.compiled is not None:
         s = state.compiled.stats
         text = f"compiled: {state.compiled.options.describe()}, {s.graphs_compiled} graph(s) compiled"
+        if s.cache != "off":
+            text += f", cache {s.cache}"
         if s.failure:
             text += f", FELL BACK TO EAGER ({s.failure[:120]})"
         parts.append(text)

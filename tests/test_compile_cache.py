@@ -1,0 +1,87 @@
+"""The persistent compile cache, engine level: a second process reuses what the first compiled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from diffboost.backends import CompileCache, CompileOptions
+from diffboost.backends.cache import cache_key
+
+# Runs in a fresh process with its own empty inductor cache, so only diffboost's cache can help.
+CHILD = textwrap.dedent("""
+    import json, sys, torch
+    from diffboost.backends import CompileCache, CompileOptions, compile_module
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()) for _ in range(6)])
+    compiled = compile_module(model, CompileOptions.from_user("inductor", "default"), cache=CompileCache(sys.argv[1]))
+    x = torch.randn(8, 64)
+    out = compiled(x)
+    err = float((out - model(x)).abs().max())
+    print(json.dumps({**compiled.stats.as_dict(), "err": err}))
+""")
+
+
+def run_child(cache_dir, inductor_dir):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE": "0"}
+    done = subprocess.run([sys.executable, "-c", CHILD, str(cache_dir)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_loads_the_cache_and_skips_most_of_the_compile(tmp_path):
+    cache_dir = tmp_path / "cache"
+    cold = run_child(cache_dir, tmp_path / "inductor-a")
+    assert cold["cache"] == "miss" and cold["graphs_compiled"] == 1 and cold["err"] < 1e-5
+    entries = CompileCache(cache_dir).entries()
+    assert len(entries) == 1 and entries[0].stat().st_size > 0
+
+    warm = run_child(cache_dir, tmp_path / "inductor-b")  # a new, empty inductor cache
+    assert warm["cache"] == "hit" and warm["err"] < 1e-5
+    # Measured, not a speed claim: the warm first call must at least not cost more than the cold one.
+    assert warm["first_call_seconds"] < cold["first_call_seconds"], (cold, warm)
+
+
+def test_corrupt_entry_is_set_aside_and_rebuilt(tmp_path, caplog):
+    cache = CompileCache(tmp_path)
+    cache.root.mkdir(parents=True, exist_ok=True)
+    cache.path("broken").write_bytes(b"not torch artifacts")
+    with caplog.at_level("WARNING", logger="diffboost"):
+        assert cache.load("broken") is False
+    assert "could not be loaded" in caplog.text
+    assert not cache.path("broken").exists() and (tmp_path / "broken.broken").exists()
+    assert cache.clear() == 1 and not list(tmp_path.iterdir())
+
+
+def test_size_cap_drops_least_recently_used_first(tmp_path):
+    cache = CompileCache(tmp_path, max_bytes=250)
+    for i, name in enumerate(["old", "mid", "new"]):
+        p = cache.path(name)
+        p.write_bytes(b"x" * 100)
+        os.utime(p, (1000 + i, 1000 + i))
+    cache.prune()
+    assert [p.name for p in cache.entries()] == [cache.path("mid").name, cache.path("new").name]
+
+
+def test_key_changes_with_what_changes_the_result():
+    a = torch.nn.Linear(8, 8)
+    b = torch.nn.Linear(8, 16)
+    o2, o3 = CompileOptions.from_user("inductor", "O2"), CompileOptions.from_user("inductor", "O3")
+    assert cache_key(a, o2, "cpu") == cache_key(torch.nn.Linear(8, 8), o2, "cpu")  # weights' values don't matter
+    assert len({cache_key(a, o2, "cpu"), cache_key(b, o2, "cpu"), cache_key(a, o3, "cpu"),
+                cache_key(a, o2, "H100"), cache_key(a.to(torch.float16), o2, "cpu")}) == 5
+
+
+@pytest.mark.parametrize("action", ["info", "clear"])
+def test_command_line(tmp_path, action):
+    CompileCache(tmp_path).path("x").write_bytes(b"1234")
+    out = subprocess.run([sys.executable, "-m", "diffboost.backends.cache", action, str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert ("removed 1 file" in out) if action == "clear" else ("x.torchcache" in out)
