@@ -30,7 +30,7 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
-from diffboost.backends import CompileOptions  # noqa: E402
+from diffboost.backends import CompileCache, CompileOptions  # noqa: E402
 from diffboost.nodes.patching import compiled_of, with_boost  # noqa: E402
 
 DEV = mm.get_torch_device()
@@ -151,7 +151,7 @@ def eager_channels_last(m):
     return m
 
 
-def make_variant(mp, spec):
+def make_variant(mp, spec, cache=None):
     m = mp.clone()
     if spec in ("eager", "eager-bf16"):
         return m
@@ -164,7 +164,7 @@ def make_variant(mp, spec):
     mode, *flags = spec.split("/")
     options = CompileOptions.from_user("inductor", mode, "channels_last" if "cl" in flags else "preserve",
                                        "on" if "dyn" in flags else "auto", "fuse" in flags, "fail")
-    return with_boost(m, compile_options=options)
+    return with_boost(m, compile_options=options, compile_cache=cache)
 
 
 def main():
@@ -175,6 +175,7 @@ def main():
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cache", default=None, help="diffboost compile cache folder (default: no cache)")
     a = ap.parse_args()
     out_dir = os.environ.get("OUT", "/tmp")
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -200,7 +201,7 @@ def main():
             continue
         row = {"model": a.model, "variant": label, "spec": spec, "dtype": str(dtype), "res": a.res, "steps": a.steps}
         try:
-            m = make_variant(models[dtype], spec)
+            m = make_variant(models[dtype], spec, CompileCache(a.cache) if a.cache else None)
             first, _ = sample(m, a.model, a.res, 2)
             row["first_call_s"] = round(first, 2)
             times = []
@@ -215,6 +216,7 @@ def main():
             if c is not None:
                 row["graphs"] = c.stats.graphs_compiled
                 row["compile_s"] = round(c.stats.compile_seconds, 1)
+                row["cache"] = c.stats.cache
             if ref is None:
                 ref = out
                 row["ref"] = True
