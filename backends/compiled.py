@@ -57,7 +57,8 @@ class CompiledModule(torch.nn.Module):
         self._lock = threading.Lock()
         self._cache = cache
         self._cache_key: str | None = None
-        self._compiled = backend.compile(original, options, self._count_graph)
+        # Held outside _modules too: a compiled nn.Module child would expose the original's parameters twice.
+        object.__setattr__(self, "_compiled", backend.compile(original, options, self._count_graph))
 
     @property
     def original(self) -> torch.nn.Module:

@@ -79,8 +79,9 @@ def parse_mode(text: str) -> CompileMode:
         raise ConfigError("mode is empty: choose a preset such as 'O2' or 'O3', or flags such as "
                           "'max-optimize:max-autotune'")
     text = text.strip()
-    # A lone torch mode name is taken whole: 'max-autotune' alone means torch's mode of that name.
-    words = [text] if text in TORCH_MODES else text.split(":")
+    # 'max-autotune' is both a seed flag and a torch mode name; the flag (no CUDA graphs) wins, as
+    # in the seeds' nexfort configs. torch's meaning is spelled 'max-autotune:cudagraphs'.
+    words = text.split(":")
     on: set[str] = set()
     for word in words:
         word = word.strip()

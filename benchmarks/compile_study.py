@@ -30,6 +30,7 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 from comfy_api.torch_helpers import set_torch_compile_wrapper  # noqa: E402
+
 from diffboost.backends import CompileCache, CompileOptions  # noqa: E402
 from diffboost.nodes.patching import compiled_of, with_boost  # noqa: E402
 

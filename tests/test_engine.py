@@ -1,0 +1,149 @@
+"""The compile engine on plain torch modules (no ComfyUI): correctness, isolation, fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffboost.backends import BackendUnavailable, CompileFailed, CompileOptions, ConfigError, compile_module, registry
+from diffboost.backends.base import Backend
+from diffboost.backends.fuse import fuse_parallel_linears
+from diffboost.backends.modes import parse_mode
+from diffboost.backends.runtime import runtime_switches
+from diffboost.backends.standin import repeated_blocks, replace_submodules, twin_calling
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, dim=32):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v)) + x
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Attention() for _ in range(3)])
+        self.head = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_fuse_pass_fuses_qkv_and_keeps_the_result():
+    model = net()
+    x = torch.randn(2, 5, 32)
+    gm = torch.fx.symbolic_trace(model)  # plain FX carries no example values: fuse needs shapes
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            node.meta["example_value"] = gm.get_parameter(node.target)
+    counted = []
+
+    def backend(g, inputs):
+        counted.append(fuse_parallel_linears(g))
+        return g.forward
+
+    compiled = torch.compile(model, backend=backend)
+    assert torch.allclose(compiled(x), model(x), atol=1e-5)
+    assert counted == [3]  # one group of three projections per attention block
+
+
+@pytest.mark.parametrize("mode, fuse", [("default", False), ("default", True), ("regional", False)])
+def test_compiled_module_matches_eager_and_leaves_the_original_alone(mode, fuse):
+    model = net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params_before = [id(p) for p in model.parameters()]
+    compiled = compile_module(model, CompileOptions.from_user("inductor", mode, fuse_qkv=fuse))
+    x = torch.randn(2, 5, 32)
+    assert torch.allclose(compiled(x), model(x), atol=1e-5)
+    assert compiled.stats.graphs_compiled >= 1 and compiled.stats.failure is None
+    # Nothing registered, nothing replaced, nothing changed in the shared module.
+    assert list(compiled.parameters()) == [] and [id(p) for p in model.parameters()] == params_before
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(type(b) is Attention for b in model.blocks)
+    compiled(x)
+    assert compiled.stats.calls == 2
+
+
+def test_weight_changes_after_compile_are_seen_without_recompiling():
+    model = net()
+    compiled = compile_module(model, CompileOptions.from_user("inductor", "default"))
+    x = torch.randn(2, 5, 32)
+    compiled(x)
+    graphs = compiled.stats.graphs_compiled
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # what a LoRA patch does to the real module
+    assert torch.allclose(compiled(x), model(x), atol=1e-5)
+    assert compiled.stats.graphs_compiled == graphs
+
+
+def test_stand_in_tree_shares_everything_but_what_it_replaced():
+    model = net()
+    blocks = repeated_blocks(model)
+    assert blocks == {Attention}
+    seen = []
+    twin = replace_submodules(model, lambda n, m: twin_calling(m, lambda x: seen.append(n) or m(x))
+                              if type(m) in blocks else None)
+    assert twin is not model and twin.head is model.head
+    assert all(isinstance(b, Attention) for b in twin.blocks)  # models dispatch on isinstance
+    assert twin.blocks[0].to_q is model.blocks[0].to_q
+    x = torch.randn(1, 5, 32)
+    assert torch.equal(twin(x), model(x)) and seen == ["blocks.0", "blocks.1", "blocks.2"]
+    assert type(model.blocks[0]) is Attention  # the original is untouched
+
+
+class Exploding(Backend):
+    name = "exploding"
+
+    def compile(self, module, options, on_graph):
+        def run(*args, **kwargs):
+            on_graph()
+            raise RuntimeError("injected compiler failure")
+        return run
+
+
+def test_failure_falls_back_to_eager_or_fails_as_chosen():
+    model = net()
+    x = torch.randn(2, 5, 32)
+    from diffboost.backends.compiled import CompiledModule
+
+    fallback = CompiledModule(model, CompileOptions.from_user("inductor", "default"), Exploding(), label="test net")
+    assert torch.equal(fallback(x), model(x))
+    assert "injected compiler failure" in fallback.stats.failure
+    strict = CompiledModule(model, CompileOptions.from_user("inductor", "default", on_failure="fail"), Exploding(),
+                            label="test net")
+    with pytest.raises(CompileFailed, match="inductor could not compile or run the test net: RuntimeError: "
+                                            "injected compiler failure.*on_failure"):
+        strict(x)
+
+
+def test_unknown_and_unavailable_backends_fail_before_anything_is_built():
+    with pytest.raises(ConfigError, match="backend 'tensorrt' is unknown: choose one of inductor, nexfort, oneflow"):
+        compile_module(net(), CompileOptions(backend="tensorrt"))
+    for name in ("nexfort", "oneflow"):
+        reason = registry.get(name).unavailable_reason()
+        if reason is None:
+            continue  # installed here: nothing to check
+        with pytest.raises(BackendUnavailable, match=f"backend '{name}' needs .*Choose backend 'inductor'"):
+            compile_module(net(), CompileOptions(backend=name))
+
+
+def test_runtime_switches_are_restored_even_on_error():
+    cudnn = torch.backends.cudnn
+    before = (cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch._dynamo.config.recompile_limit)
+    with pytest.raises(ValueError):
+        with runtime_switches(parse_mode("benchmark:low-precision")):
+            assert cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+            raise ValueError
+    assert (cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch._dynamo.config.recompile_limit) == before
