@@ -34,6 +34,11 @@ class BoostState:
     denoiser: object = None  # the effective module swapped in: quantized view and/or CompiledModule
     compiled: CompiledModule | None = None
 
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model_options; the state is immutable and holds the
+        # compiled denoiser, which clones must share, not copy.
+        return self
+
 
 def state_of(model) -> BoostState:
     return model.model_options.get(STATE_KEY) or BoostState()
