@@ -5,9 +5,11 @@ The node modules (and comfy_api with them) load only when ComfyUI asks for the e
 
 
 def node_classes() -> list:
+    from .benchmark_sampler import BenchmarkSampler
     from .compile_model import CompileModel
+    from .quantize_fp8 import QuantizeFP8
 
-    return [CompileModel]
+    return [CompileModel, BenchmarkSampler, QuantizeFP8]
 
 
 async def comfy_entrypoint():

@@ -1,0 +1,251 @@
+"""diffboost-bench: compare ways of running one diffusion model side by side in one process
+(eager, ComfyUI's compile, diffboost's presets, FP8), through ComfyUI's own sampling.
+
+  diffboost-bench                                   # SDXL on a GPU, tiny SD1.5 on a CPU
+  diffboost-bench --model flux --res 1024 --steps 20 --variants eager,comfy-compile,diffboost-O3
+  diffboost-bench --model tiny-sd15 --steps 2 --runs 2 --json out.json --plot out.png
+  diffboost-bench --server http://127.0.0.1:8188 --ckpt sd_xl_base_1.0.safetensors
+
+Every figure comes from the Benchmark Sampler's measuring function (diffboost.nodes.benchmark_sampler)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+
+from ..measure.runner import Reporter
+from ..measure.stats import format_bytes, format_table
+
+JSON_FIELDS = ("variant", "ok", "error", "it_per_s", "speedup_vs_eager", "run_s", "first_call_s", "peak_mem_bytes",
+               "recompiles", "tflops", "fraction_of_peak", "rel_err_vs_eager", "cosine_vs_eager", "model_state")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="diffboost-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="sdxl | sd3 | flux | pixart | sd15 | tiny-sd15 (random weights). "
+                   "Default: sdxl on a GPU, tiny-sd15 on a CPU")
+    p.add_argument("--ckpt", default=None, help="a checkpoint or diffusion-model file instead of random weights "
+                   "(with --server: a checkpoint name the server lists)")
+    p.add_argument("--variants", default=None, help="comma-separated; default: every default variant. "
+                   "--list-variants shows them")
+    p.add_argument("--list-variants", action="store_true", help="list the variants and whether each can run here")
+    p.add_argument("--res", type=int, default=None, help="image size in pixels (square); default per model")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=3, help="timed runs per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (the first one compiles)")
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--scheduler", default="simple")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--cfg", type=float, default=None, help="default: the architecture's usual value")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="weights dtype (random models)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write one record per variant")
+    p.add_argument("--plot", default=None, metavar="PATH", help="draw a PNG chart")
+    p.add_argument("--server", default=None, metavar="URL", help="run against a running ComfyUI through its HTTP API")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait per variant with --server")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.steps < 1 or args.runs < 1 or args.warmup < 0 or args.batch < 1:
+        print("diffboost-bench: --steps, --runs and --batch must be 1 or more, --warmup 0 or more", file=sys.stderr)
+        return 2
+    from . import variants as registry
+
+    if args.list_variants:
+        return _list_variants(registry)
+    try:
+        chosen = registry.select(args.variants)
+    except ValueError as e:
+        print(f"diffboost-bench: {e}", file=sys.stderr)
+        return 2
+    if args.server:
+        from .remote import run_remote
+
+        rows, header = run_remote(args, chosen)
+    else:
+        rows, header = run_in_process(args, chosen)
+    add_comparisons(rows)
+    print()
+    print(header)
+    print(results_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setup": header, "variants": [_json_record(r) for r in rows]}, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plot import plot_rows
+
+        plot_rows(rows, args.plot, title=header)
+        print(f"wrote {args.plot}")
+    return 0 if any(r["ok"] for r in rows) else 1
+
+
+def _list_variants(registry) -> int:
+    for name, v in registry.VARIANTS.items():
+        try:
+            reason = v.unavailable()
+        except Exception as e:  # a broken availability check is itself a reason
+            reason = f"{type(e).__name__}: {e}"
+        flag = "default" if v.default else "       "
+        print(f"{name:22} {flag}  {v.summary}" + (f"  [unavailable: {reason}]" if reason else ""))
+    return 0
+
+
+def run_in_process(args, chosen) -> tuple[list[dict], str]:
+    """Boot ComfyUI here, build the model once, and measure every variant on its own clone."""
+    from tqdm import tqdm
+
+    from .host import boot
+
+    host = boot()
+    import torch
+
+    from ..nodes.benchmark_sampler import measure_sampling
+    from . import models
+
+    device = host.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
+    if args.ckpt:
+        bm = models.load_checkpoint(args.ckpt, seed=args.seed)
+    else:
+        bm = models.build(args.model or models.default_model(device), device, dtype=dtype, seed=args.seed)
+    if args.cfg is not None:
+        bm.cfg = args.cfg
+    res = args.res or models.default_resolution(bm.name)
+    if bm.name == "sdxl":  # SDXL's size conds should say the size actually sampled
+        bm.positive, bm.negative = models.conditioning("sdxl", seed=args.seed, res=res)
+    latent = {"samples": torch.zeros(args.batch, bm.latent_channels, res // 8, res // 8)}
+    header = (f"{bm.description}, {res}x{res}, batch {args.batch}, {args.steps} steps {args.sampler}/{args.scheduler}, "
+              f"cfg {bm.cfg}, {args.warmup} warm-up + {args.runs} timed runs, device {_device_name(device)}")
+    print(header)
+    rows = []
+    bar = tqdm(chosen, desc="variants", unit="variant")
+    for variant in bar:
+        bar.set_postfix_str(variant.name)
+        row = {"variant": variant.name, "ok": False, "error": None}
+        rows.append(row)
+        reason = variant.unavailable()
+        if reason:
+            row["error"] = f"skipped: {reason}"
+            continue
+        model = None
+        try:
+            model = variant.apply(bm.patcher, bm)
+            reporter = _TqdmReporter(variant.name, (args.warmup + args.runs) * args.steps)
+            try:
+                out, stats = measure_sampling(model, args.seed, args.steps, bm.cfg, args.sampler, args.scheduler,
+                                              bm.positive, bm.negative, latent, 1.0, args.warmup, args.runs,
+                                              reporter=reporter, where=f"diffboost-bench variant {variant.name}")
+            finally:
+                reporter.close()
+            row.update(_row_from_stats(stats.as_dict()))
+            row["latent"] = out["samples"].detach().float().cpu()
+            row["ok"] = True
+        except Exception as e:  # one variant's failure (e.g. a compile error) is its row, not the end
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+            tqdm.write(f"{variant.name} failed:\n{traceback.format_exc(limit=3)}")
+        finally:
+            del model
+            _release(host)
+    return rows, header
+
+
+def _release(host) -> None:
+    """Free what one variant held before the next starts, so variants do not see each other."""
+    import torch
+
+    host.mm.unload_all_models()
+    host.mm.soft_empty_cache()
+    torch._dynamo.reset()  # compiled code of one variant must not serve (or count against) the next
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+def _row_from_stats(d: dict) -> dict:
+    return {"it_per_s": d["it_per_s"], "run_s": d["run_s"], "first_call_s": d["first_call_s"],
+            "peak_mem_bytes": d["peak_mem_bytes"], "recompiles": d["recompiles"], "tflops": d["tflops"],
+            "fraction_of_peak": d["fraction_of_peak"], "model_state": d["model_state"], "stats": d}
+
+
+def add_comparisons(rows: list[dict]) -> None:
+    """Speed-up over eager and the final latent's relative error and cosine against eager's."""
+    from ..measure.compare import cosine_similarity, relative_error
+
+    eager = next((r for r in rows if r["variant"] == "eager" and r["ok"]), None)
+    for r in rows:
+        r.setdefault("speedup_vs_eager", None)
+        r.setdefault("rel_err_vs_eager", None)
+        r.setdefault("cosine_vs_eager", None)
+        if not r["ok"] or eager is None:
+            continue
+        if r.get("it_per_s") and eager.get("it_per_s"):
+            r["speedup_vs_eager"] = round(r["it_per_s"] / eager["it_per_s"], 4)
+        if r.get("latent") is not None and eager.get("latent") is not None:
+            r["rel_err_vs_eager"] = _finite(relative_error(r["latent"], eager["latent"]))
+            r["cosine_vs_eager"] = _finite(cosine_similarity(r["latent"], eager["latent"]))
+
+
+def results_table(rows: list[dict]) -> str:
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    table = []
+    for r in rows:
+        if not r["ok"]:
+            table.append((r["variant"], "FAILED" if not str(r["error"]).startswith("skipped") else "skipped",
+                          "", "", "", "", "", "", "", r["error"][:90]))
+            continue
+        frac = r.get("fraction_of_peak")
+        table.append((r["variant"], fmt(r["it_per_s"], ".3f"), fmt(r["speedup_vs_eager"], ".2f") + "x",
+                      fmt(r["first_call_s"], ".2f"), format_bytes(r["peak_mem_bytes"]), r["recompiles"],
+                      fmt(r["tflops"], ".2f") + ("" if frac is None else f" ({frac * 100:.0f}%)"),
+                      fmt(r["rel_err_vs_eager"], ".2e"), fmt(r["cosine_vs_eager"], ".6f"), r["model_state"][:60]))
+    headers = ["variant", "it/s", "vs eager", "first call s", "peak mem", "recompiles", "TFLOP/s (% peak)",
+               "rel err", "cosine", "model"]
+    return format_table(headers, table)
+
+
+def _json_record(r: dict) -> dict:
+    rec = {k: r.get(k) for k in JSON_FIELDS}
+    rec["stats"] = r.get("stats")
+    return rec
+
+
+def _finite(v: float) -> float | None:
+    return None if v is None or not math.isfinite(v) else v
+
+
+class _TqdmReporter(Reporter):
+    """Steps of all runs of one variant as a tqdm bar; the first call's running time as its postfix."""
+
+    def __init__(self, name: str, total_steps: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, desc=f"  {name}", unit="step", leave=False)
+        self.started = time.perf_counter()
+
+    def run_started(self, run, kind, total_runs):
+        self.bar.set_postfix_str(f"{kind} {run + 1}/{total_runs}")
+
+    def step_done(self, run, step, steps):
+        self.bar.update(1)
+
+    def first_call_tick(self, elapsed_s):
+        self.bar.set_postfix_str(f"first call (compiling?) {elapsed_s:.0f} s", refresh=True)
+
+    def run_finished(self, stats):
+        pass
+
+    def close(self):
+        self.bar.close()

@@ -1,0 +1,141 @@
+"""The variants the bench compares, one registry entry each: how to turn the eager model into the
+variant in process (`apply`), and, for `--server`, which nodes to put before the Benchmark
+Sampler (`graph`). A new variant (diffboost FP8, a new backend) is one `register(...)` call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import registry as backend_registry
+from ..backends.modes import PRESETS
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    summary: str
+    # (base ModelPatcher, BenchModel) -> a ModelPatcher to measure. Must not change the base.
+    apply: Callable[[object, object], object]
+    # None when the variant can run here; otherwise why not (shown in its row).
+    unavailable: Callable[[], str | None] = lambda: None
+    # (PromptBuilder, model link) -> model link, for --server; None: not available through the API.
+    graph: Callable | None = None
+    default: bool = True  # run when --variants is not given
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register(variant: Variant) -> Variant:
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+def names(default_only: bool = False) -> list[str]:
+    return [n for n, v in VARIANTS.items() if v.default or not default_only]
+
+
+def select(spec: str | None) -> list[Variant]:
+    """The variants named in a comma-separated `spec` (all default ones when None), eager first so
+    the others can be compared with it. Raises ValueError naming an unknown variant."""
+    wanted = names(default_only=True) if not spec else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in wanted if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    wanted = sorted(dict.fromkeys(wanted), key=lambda n: n != "eager")
+    return [VARIANTS[n] for n in wanted]
+
+
+# --- eager --------------------------------------------------------------------------------------
+
+register(Variant("eager", "ComfyUI as it is: no compilation, no quantization",
+                 apply=lambda base, bm: base.clone(), graph=lambda pb, model: model))
+
+
+# --- ComfyUI's own TorchCompileModel ------------------------------------------------------------
+
+def _comfy_compile(base, bm):
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    from ..backends.inductor import keep_transformer_options_unguarded
+
+    m = base.clone()
+    # The options ComfyUI's own TorchCompileModel node passes.
+    set_torch_compile_wrapper(m, backend="inductor", options={"guard_filter_fn": keep_transformer_options_unguarded})
+    return m
+
+
+register(Variant("comfy-compile", "ComfyUI's TorchCompileModel (torch.compile, inductor)", apply=_comfy_compile,
+                 graph=lambda pb, model: pb.add("TorchCompileModel", model=model, backend="inductor")))
+
+
+# --- diffboost compile presets, one per available backend ---------------------------------------
+
+def _diffboost_compile(backend: str, mode: str):
+    def apply(base, bm):
+        from ..backends import CompileOptions
+        from ..nodes.patching import with_boost
+
+        return with_boost(base, compile_options=CompileOptions.from_user(backend, mode),
+                          compile_label=f"{bm.name} diffusion model (bench)")
+
+    def graph(pb, model):
+        return pb.add("DiffBoostCompileModel", model=model, backend=backend, mode=mode, on_failure="fail")
+
+    return apply, graph
+
+
+for _backend in backend_registry.names():
+    for _preset in PRESETS:
+        _name = f"diffboost-{_preset}" if _backend == "inductor" else f"diffboost-{_backend}-{_preset}"
+        _apply, _graph = _diffboost_compile(_backend, _preset)
+        register(Variant(_name, f"diffboost Compile Model, backend {_backend}, mode {_preset}", apply=_apply,
+                         unavailable=lambda b=_backend: backend_registry.availability().get(b),
+                         graph=_graph, default=_backend == "inductor"))
+
+
+# --- ComfyUI's native FP8 (weight_dtype fp8_e4m3fn_fast) ----------------------------------------
+
+def _fp8_unavailable() -> str | None:
+    if not torch.cuda.is_available():
+        return "ComfyUI's fp8 matmuls need a CUDA GPU with FP8 (compute capability 8.9+); this run has none"
+    import comfy.model_management
+
+    if not comfy.model_management.supports_fp8_compute(comfy.model_management.get_torch_device()):
+        return f"{torch.cuda.get_device_name()} has no FP8 matrix multiply (needs compute capability 8.9+)"
+    return None
+
+
+def _comfy_fp8(base, bm):
+    from .models import fp8_twin
+
+    return fp8_twin(base)  # a separate model: fp8 weights cannot be a clone of bf16 ones
+
+
+register(Variant("comfy-fp8", "ComfyUI's native FP8 (fp8_e4m3fn weights, fp8_optimizations)",
+                 apply=_comfy_fp8, unavailable=_fp8_unavailable, graph=None))
+
+
+# --- diffboost FP8: registered once diffboost.quant offers a quantizer ---------------------------
+
+def _diffboost_fp8_unavailable() -> str | None:
+    try:
+        from ..quant import fp8_quantizer  # noqa: F401
+    except ImportError:
+        return "diffboost FP8 is not built yet (diffboost.quant has no fp8_quantizer)"
+    return _fp8_unavailable()
+
+
+def _diffboost_fp8(base, bm):
+    from ..nodes.patching import with_boost
+    from ..quant import fp8_quantizer
+
+    quantizer, description = fp8_quantizer()  # the hook: (callable module -> quantized view, one line)
+    return with_boost(base, quantizer=quantizer, quantization=description)
+
+
+register(Variant("diffboost-fp8", "diffboost FP8 quantization", apply=_diffboost_fp8,
+                 unavailable=_diffboost_fp8_unavailable, default=False))

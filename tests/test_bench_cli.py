@@ -1,0 +1,78 @@
+"""diffboost-bench on a CPU: the default variants on tiny SD1.5, a JSON record per variant, a PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffboost.bench import variants
+from diffboost.bench.host import ComfyNotFound, comfy_path
+
+REQUIRED = ("variant", "it_per_s", "first_call_s", "peak_mem_bytes", "recompiles", "tflops", "rel_err_vs_eager",
+            "cosine_vs_eager")
+
+
+def _comfy_or_skip():
+    try:
+        return comfy_path()
+    except ComfyNotFound as e:
+        pytest.skip(f"HOST TESTS SKIPPED: {e}")
+
+
+def test_cli_compares_the_default_variants_on_cpu(tmp_path):
+    _comfy_or_skip()
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    cmd = [sys.executable, "-m", "diffboost.bench", "--model", "tiny-sd15", "--steps", "2", "--runs", "2",
+           "--res", "64", "--json", str(out_json), "--plot", str(out_png)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU path, also on a machine with a GPU
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "it/s" in proc.stdout and "eager" in proc.stdout
+    records = json.loads(out_json.read_text())["variants"]
+    assert [r["variant"] for r in records] == variants.names(default_only=True)
+    for r in records:
+        for key in REQUIRED:
+            assert key in r, (r["variant"], key)
+        if r["ok"]:
+            assert r["it_per_s"] > 0 and r["first_call_s"] > 0 and r["tflops"] > 0
+            assert r["rel_err_vs_eager"] is not None and r["rel_err_vs_eager"] < 0.05, r
+            assert r["cosine_vs_eager"] > 0.99
+        else:  # only variants that cannot run here (FP8 without an FP8 GPU) may be missing, and say why
+            assert r["error"].startswith("skipped: "), r
+    eager = records[0]
+    assert eager["ok"] and eager["rel_err_vs_eager"] == 0.0 and eager["speedup_vs_eager"] == 1.0
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variant_registry_selects_eager_first_and_rejects_unknown_names():
+    chosen = variants.select("diffboost-O2,eager")
+    assert [v.name for v in chosen] == ["eager", "diffboost-O2"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        variants.select("eager,turbo")
+    assert {"eager", "comfy-compile", "diffboost-O2", "diffboost-O3", "comfy-fp8", "diffboost-fp8"} <= set(
+        variants.VARIANTS)
+
+
+def test_bad_counts_are_refused_before_anything_runs():
+    proc = subprocess.run([sys.executable, "-m", "diffboost.bench", "--runs", "0"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--runs" in proc.stderr
+
+
+def test_server_prompts_put_the_variant_between_checkpoint_and_benchmark_sampler():
+    from argparse import Namespace
+
+    from diffboost.bench.remote import benchmark_prompt
+
+    args = Namespace(batch=1, seed=3, steps=4, sampler="euler", scheduler="simple", warmup=1, runs=2)
+    for name, expected in (("eager", "CheckpointLoaderSimple"), ("diffboost-O2", "DiffBoostCompileModel"),
+                           ("comfy-compile", "TorchCompileModel")):
+        prompt, bench_id, save_id = benchmark_prompt(variants.VARIANTS[name], args, "model.safetensors", 512, 7.0)
+        bench = prompt[bench_id]
+        assert bench["class_type"] == "DiffBoostBenchmarkSampler" and bench["inputs"]["timed_runs"] == 2
+        assert prompt[bench["inputs"]["model"][0]]["class_type"] == expected
+        assert prompt[save_id]["inputs"]["samples"] == [bench_id, 0]
