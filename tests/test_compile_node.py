@@ -1,0 +1,112 @@
+"""Compile Model (diffboost) inside the real ComfyUI: in-process executor and a real server, tiny
+random-weight models of every supported architecture, torch.compile with inductor on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_models as T
+
+# Two euler steps of a compiled fp32 model against eager on the CPU: fused kernels reorder float
+# arithmetic, so results differ by rounding only.
+TOLERANCE = 1e-3
+ARCHITECTURES = ["sd15", "sdxl", "sd3", "pixart", "flux"]
+
+
+def compile_node(**inputs):
+    widgets = {"backend": "inductor", "mode": "O2", "memory_format": "preserve", "dynamic": "auto",
+               "fuse_qkv": False, "on_failure": "fail", "compile_cache": "off"}
+    return {"class_type": "DiffBoostCompileModel", "inputs": {**widgets, **inputs}}
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def unique_graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def sample(host, prompt, key="latent"):
+    result = host.run_prompt(prompt).check()
+    latent = host.captured_latent(key).clone()
+    assert torch.isfinite(latent).all()
+    return result, latent
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_compiled_model_matches_eager(comfy_host, tiny_models, arch):
+    _, eager = sample(comfy_host, T.graph(arch, tiny_models, decode=False))
+    result, compiled = sample(comfy_host, T.graph(arch, tiny_models, insert=compile_node(), decode=False))
+    assert rel_err(compiled, eager) < TOLERANCE
+    text = result.outputs[str(T.FIRST_INSERTED_ID)]["text"][0]
+    assert text.startswith("compiled: inductor (mode=O2)")
+
+
+def test_lora_after_compile_changes_the_output_as_without_compilation(comfy_host, tiny_models):
+    lora = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": tiny_models.filename("sd15_lora"),
+                                                            "strength_model": 1.0}}
+    _, eager = sample(comfy_host, T.graph("sd15", tiny_models, decode=False))
+    _, eager_lora = sample(comfy_host, T.graph("sd15", tiny_models, insert=[lora], decode=False))
+    _, compiled = sample(comfy_host, T.graph("sd15", tiny_models, insert=[compile_node()], decode=False))
+    _, compiled_lora = sample(comfy_host, T.graph("sd15", tiny_models, insert=[compile_node(), lora], decode=False))
+    lora_effect = eager_lora - eager
+    assert float(lora_effect.norm() / eager.norm()) > 0.05  # the LoRA really changes the image
+    assert rel_err(compiled_lora - compiled, lora_effect) < 10 * TOLERANCE
+    assert rel_err(compiled_lora, eager_lora) < TOLERANCE
+
+
+def test_input_model_is_unchanged_and_second_run_does_not_recompile(comfy_host, tiny_models):
+    eager_graph = T.graph("sd15", tiny_models, decode=False, seed=3)
+    _, before = sample(comfy_host, eager_graph)
+    # Compile Model on the very ModelPatcher the loader node has cached, then sample twice more.
+    _, compiled = sample(comfy_host, T.graph("sd15", tiny_models, insert=compile_node(), decode=False, seed=3))
+    graphs = unique_graphs()
+    result, _ = sample(comfy_host, T.graph("sd15", tiny_models, insert=compile_node(), decode=False, seed=4))
+    assert str(T.FIRST_INSERTED_ID) in result.cached_nodes  # the compiled MODEL was reused ...
+    assert unique_graphs() == graphs  # ... and so was its compiled graph: no recompilation
+    # The eager graph again: the sampler runs anew on the same cached loader output.
+    result, after = sample(comfy_host, eager_graph)
+    assert T.NODE_IDS["sampler"] in result.executed_nodes and T.NODE_IDS["loader"] in result.cached_nodes
+    assert torch.equal(after, before)
+    assert rel_err(compiled, before) < TOLERANCE
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"backend": "tensorrt"}, "backend"),
+    ({"mode": "max-optimize::cudagraphs"}, "empty part between colons"),
+    ({"mode": "warp-speed"}, "unknown part 'warp-speed'"),
+    ({"mode": "jit:max-autotune"}, "contradicts itself"),
+])
+def test_bad_input_is_rejected_with_a_clear_message_and_the_next_prompt_runs(comfy_host, tiny_models, inputs,
+                                                                             message):
+    result = comfy_host.run_prompt(T.graph("sd15", tiny_models, insert=compile_node(**inputs), decode=False))
+    assert not result.success and message in result.error
+    comfy_host.run_prompt(T.graph("sd15", tiny_models, decode=False, seed=11)).check()
+
+
+@pytest.mark.parametrize("backend", ["nexfort", "oneflow"])
+def test_missing_onediff_backend_fails_at_once_naming_node_and_alternative(comfy_host, tiny_models, backend):
+    from diffboost.backends import registry
+
+    if registry.get(backend).unavailable_reason() is None:
+        pytest.skip(f"{backend} is installed here")
+    result = comfy_host.run_prompt(T.graph("sd15", tiny_models, insert=compile_node(backend=backend),
+                                           decode=False))
+    assert not result.success
+    assert f"Compile Model (diffboost), node {T.FIRST_INSERTED_ID}" in result.error
+    assert f"backend '{backend}' needs the" in result.error and "Choose backend 'inductor'" in result.error
+    comfy_host.run_prompt(T.graph("sd15", tiny_models, decode=False, seed=12)).check()
+
+
+def test_real_server_runs_a_compiled_graph(comfy_server, tiny_models):
+    prompt = T.graph("sd15", tiny_models, insert=compile_node(), key="server-compiled")
+    run, history = comfy_server.run(prompt)
+    assert run.success, run.of_type("execution_error")
+    progress = [d for d in run.of_type("progress") if d["node"] == T.NODE_IDS["sampler"]]
+    assert [(d["value"], d["max"]) for d in progress] == [(1, 2), (2, 2)]
+    executed = {d["node"]: d["output"] for d in run.of_type("executed")}
+    compile_ui = history["outputs"][str(T.FIRST_INSERTED_ID)]
+    assert compile_ui == executed[str(T.FIRST_INSERTED_ID)]
+    assert compile_ui["text"][0].startswith("compiled: inductor (mode=O2)")
+    assert history["outputs"][T.NODE_IDS["capture"]]["diffboost_test_capture"][0]["finite"]
