@@ -33,4 +33,19 @@ else
   echo "WARNING: no ComfyUI found at $comfy (set COMFYUI_PATH); the host tests will be skipped." >&2
 fi
 pip install -q -e "$here[test]"
+
+# The browser test drives Debian's Chromium through playwright-core (npm); without them it skips loudly.
+if ! { command -v chromium >/dev/null && command -v npm >/dev/null; }; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -q >/dev/null && apt-get install -y -q chromium nodejs npm >/dev/null \
+      || echo "WARNING: could not install chromium/npm; the browser test will be skipped." >&2
+  else
+    echo "WARNING: chromium and npm are missing (install them to run the browser test)." >&2
+  fi
+fi
+tools=${DIFFBOOST_PLAYWRIGHT_DIR:-$HOME/.cache/diffboost/browser-tools}
+if command -v npm >/dev/null && [ ! -d "$tools/node_modules/playwright-core" ]; then
+  npm install -q --prefix "$tools" --no-audit --no-fund playwright-core@1.65.1 >/dev/null \
+    || echo "WARNING: could not install playwright-core; the browser test will be skipped." >&2
+fi
 echo "diffboost development environment ready: $venv (ComfyUI: $comfy)"
