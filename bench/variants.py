@@ -121,21 +121,24 @@ register(Variant("comfy-fp8", "ComfyUI's native FP8 (fp8_e4m3fn weights, fp8_opt
 
 # --- diffboost FP8: registered once diffboost.quant offers a quantizer ---------------------------
 
-def _diffboost_fp8_unavailable() -> str | None:
-    try:
-        from ..quant import fp8_quantizer  # noqa: F401
-    except ImportError:
-        return "diffboost FP8 is not built yet (diffboost.quant has no fp8_quantizer)"
-    return _fp8_unavailable()
+def _diffboost_fp8(mode: str | None):
+    def apply(base, bm):
+        from ..backends import CompileOptions
+        from ..nodes.patching import with_boost
+        from ..quant import DEFAULT_IGNORE, Fp8Quantizer, QuantConfig, choose_layers
+
+        config = QuantConfig.from_user("rowwise", ignore="\n".join(DEFAULT_IGNORE))  # the node's defaults
+        summary = choose_layers(base.get_model_object("diffusion_model"), config).summary()
+        changes = {"quantizer": Fp8Quantizer(config), "quantization": summary}
+        if mode is not None:
+            changes.update(compile_options=CompileOptions.from_user("inductor", mode),
+                           compile_label=f"{bm.name} diffusion model (bench)")
+        return with_boost(base, **changes)
+
+    return apply
 
 
-def _diffboost_fp8(base, bm):
-    from ..nodes.patching import with_boost
-    from ..quant import fp8_quantizer
-
-    quantizer, description = fp8_quantizer()  # the hook: (callable module -> quantized view, one line)
-    return with_boost(base, quantizer=quantizer, quantization=description)
-
-
-register(Variant("diffboost-fp8", "diffboost FP8 quantization", apply=_diffboost_fp8,
-                 unavailable=_diffboost_fp8_unavailable, default=False))
+register(Variant("diffboost-fp8", "diffboost Quantize FP8 (W8A8 rowwise, default layers), not compiled",
+                 apply=_diffboost_fp8(None), unavailable=_fp8_unavailable, default=False))
+register(Variant("diffboost-fp8-O3", "diffboost Quantize FP8 then Compile Model O3",
+                 apply=_diffboost_fp8("O3"), unavailable=_fp8_unavailable, default=False))
