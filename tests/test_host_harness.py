@@ -64,7 +64,9 @@ def test_tiny_lora_patches_every_attention_projection(tiny_models):
 
 def test_sd15_checkpoint_graph_runs_in_process_and_records_the_events(comfy_host, tiny_models):
     comfy_host.clear_captures()
-    result = comfy_host.run_prompt(T.graph("sd15", tiny_models, key="sd15"), prompt_id="harness-sd15").check()
+    # fresh: a new executor, so the loader runs here whatever earlier tests cached
+    result = comfy_host.run_prompt(T.graph("sd15", tiny_models, key="sd15"), prompt_id="harness-sd15",
+                                   fresh=True).check()
     latent = comfy_host.captured_latent("sd15")
     assert list(latent.shape) == SHAPES["sd15"] and torch.isfinite(latent).all()
     image = comfy_host.captured_image("sd15_image")
