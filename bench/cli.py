@@ -21,7 +21,11 @@ from ..measure.runner import Reporter
 from ..measure.stats import format_bytes, format_table
 
 JSON_FIELDS = ("variant", "ok", "error", "it_per_s", "speedup_vs_eager", "run_s", "first_call_s", "peak_mem_bytes",
-               "recompiles", "tflops", "fraction_of_peak", "rel_err_vs_eager", "cosine_vs_eager", "model_state")
+               "recompiles", "tflops", "fraction_of_peak", "rel_err_vs_eager", "cosine_vs_eager",
+               "one_call_rel_err_vs_eager", "one_call_cosine_vs_eager", "model_state")
+# One denoiser call, compared on its own: one euler step from the middle of the schedule (denoise 0.5
+# of 2 steps) returns the model's denoised prediction there, CFG included.
+ONE_CALL_DENOISE = 0.5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,8 +80,7 @@ def main(argv=None) -> int:
     print(header)
     print(results_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"setup": header, "variants": [_json_record(r) for r in rows]}, f, indent=2)
+        write_json(args.json, header, rows)
         print(f"wrote {args.json}")
     if args.plot:
         from .plot import plot_rows
@@ -85,6 +88,12 @@ def main(argv=None) -> int:
         plot_rows(rows, args.plot, title=header)
         print(f"wrote {args.plot}")
     return 0 if any(r["ok"] for r in rows) else 1
+
+
+def write_json(path: str, header: str, rows: list[dict]) -> None:
+    add_comparisons(rows)
+    with open(path, "w") as f:
+        json.dump({"setup": header, "variants": [_json_record(r) for r in rows]}, f, indent=2)
 
 
 def _list_variants(registry) -> int:
@@ -119,8 +128,8 @@ def run_in_process(args, chosen) -> tuple[list[dict], str]:
     if args.cfg is not None:
         bm.cfg = args.cfg
     res = args.res or models.default_resolution(bm.name)
-    if bm.name == "sdxl":  # SDXL's size conds should say the size actually sampled
-        bm.positive, bm.negative = models.conditioning("sdxl", seed=args.seed, res=res)
+    if bm.name in ("sdxl", "pixart"):  # size conds should say the size actually sampled
+        bm.positive, bm.negative = models.conditioning(bm.name, seed=args.seed, res=res)
     latent = {"samples": torch.zeros(args.batch, bm.latent_channels, res // 8, res // 8)}
     header = (f"{bm.description}, {res}x{res}, batch {args.batch}, {args.steps} steps {args.sampler}/{args.scheduler}, "
               f"cfg {bm.cfg}, {args.warmup} warm-up + {args.runs} timed runs, device {_device_name(device)}")
@@ -147,6 +156,9 @@ def run_in_process(args, chosen) -> tuple[list[dict], str]:
                 reporter.close()
             row.update(_row_from_stats(stats.as_dict()))
             row["latent"] = out["samples"].detach().float().cpu()
+            one, _ = measure_sampling(model, args.seed, 1, bm.cfg, "euler", "simple", bm.positive, bm.negative,
+                                      latent, ONE_CALL_DENOISE, 0, 1, where=f"diffboost-bench variant {variant.name}")
+            row["one_call"] = one["samples"].detach().float().cpu()
             row["ok"] = True
         except Exception as e:  # one variant's failure (e.g. a compile error) is its row, not the end
             row["error"] = f"{type(e).__name__}: {e}"[:500]
@@ -154,6 +166,8 @@ def run_in_process(args, chosen) -> tuple[list[dict], str]:
         finally:
             del model
             _release(host)
+        if args.json:  # after every variant, so a run cut short keeps what it measured
+            write_json(args.json, header, rows)
     return rows, header
 
 
@@ -179,7 +193,8 @@ def _row_from_stats(d: dict) -> dict:
 
 
 def add_comparisons(rows: list[dict]) -> None:
-    """Speed-up over eager and the final latent's relative error and cosine against eager's."""
+    """Speed-up over eager, and the relative error and cosine against eager's of the final latent and
+    of one denoiser call."""
     from ..measure.compare import cosine_similarity, relative_error
 
     eager = next((r for r in rows if r["variant"] == "eager" and r["ok"]), None)
@@ -187,6 +202,8 @@ def add_comparisons(rows: list[dict]) -> None:
         r.setdefault("speedup_vs_eager", None)
         r.setdefault("rel_err_vs_eager", None)
         r.setdefault("cosine_vs_eager", None)
+        r.setdefault("one_call_rel_err_vs_eager", None)
+        r.setdefault("one_call_cosine_vs_eager", None)
         if not r["ok"] or eager is None:
             continue
         if r.get("it_per_s") and eager.get("it_per_s"):
@@ -194,6 +211,9 @@ def add_comparisons(rows: list[dict]) -> None:
         if r.get("latent") is not None and eager.get("latent") is not None:
             r["rel_err_vs_eager"] = _finite(relative_error(r["latent"], eager["latent"]))
             r["cosine_vs_eager"] = _finite(cosine_similarity(r["latent"], eager["latent"]))
+        if r.get("one_call") is not None and eager.get("one_call") is not None:
+            r["one_call_rel_err_vs_eager"] = _finite(relative_error(r["one_call"], eager["one_call"]))
+            r["one_call_cosine_vs_eager"] = _finite(cosine_similarity(r["one_call"], eager["one_call"]))
 
 
 def results_table(rows: list[dict]) -> str:
@@ -204,15 +224,17 @@ def results_table(rows: list[dict]) -> str:
     for r in rows:
         if not r["ok"]:
             table.append((r["variant"], "FAILED" if not str(r["error"]).startswith("skipped") else "skipped",
-                          "", "", "", "", "", "", "", r["error"][:90]))
+                          "", "", "", "", "", "", "", "", "", r["error"][:90]))
             continue
         frac = r.get("fraction_of_peak")
         table.append((r["variant"], fmt(r["it_per_s"], ".3f"), fmt(r["speedup_vs_eager"], ".2f") + "x",
                       fmt(r["first_call_s"], ".2f"), format_bytes(r["peak_mem_bytes"]), r["recompiles"],
                       fmt(r["tflops"], ".2f") + ("" if frac is None else f" ({frac * 100:.0f}%)"),
-                      fmt(r["rel_err_vs_eager"], ".2e"), fmt(r["cosine_vs_eager"], ".6f"), r["model_state"][:60]))
+                      fmt(r["rel_err_vs_eager"], ".2e"), fmt(r["cosine_vs_eager"], ".6f"),
+                      fmt(r.get("one_call_rel_err_vs_eager"), ".2e"), fmt(r.get("one_call_cosine_vs_eager"), ".6f"),
+                      r["model_state"][:60]))
     headers = ["variant", "it/s", "vs eager", "first call s", "peak mem", "recompiles", "TFLOP/s (% peak)",
-               "rel err", "cosine", "model"]
+               "rel err", "cosine", "1-call rel err", "1-call cosine", "model"]
     return format_table(headers, table)
 
 

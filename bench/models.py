@@ -34,8 +34,9 @@ FLUX = {"image_model": "flux", "axes_dim": [16, 56, 56], "num_heads": 24, "mlp_r
         "out_channels": 16, "qkv_bias": True, "txt_ids_dims": [], "in_channels": 16, "hidden_size": 3072,
         "context_in_dim": 4096, "patch_size": 2, "vec_in_dim": 768, "depth": 19, "depth_single_blocks": 38,
         "guidance_embed": True}
-PIXART = {"image_model": "pixart_sigma", "num_heads": 16, "patch_size": 2, "hidden_size": 1152, "in_channels": 4,
-          "depth": 28, "model_max_length": 300, "input_size": 128, "pe_interpolation": 2, "micro_condition": False}
+# PixArt-alpha XL-2 1024-MS: 120 T5 tokens, resolution and aspect-ratio micro-conditions.
+PIXART = {"image_model": "pixart_alpha", "num_heads": 16, "patch_size": 2, "hidden_size": 1152, "in_channels": 4,
+          "depth": 28, "model_max_length": 120, "input_size": 128, "pe_interpolation": 2, "micro_condition": True}
 
 # name -> (unet config, latent channels, cfg, default resolution on GPU / on CPU)
 ARCHITECTURES = {
@@ -124,7 +125,7 @@ def architecture_of(patcher) -> str:
 
 def conditioning(name: str, seed: int = 0, res: int | None = None) -> tuple[list, list]:
     """Seeded random (positive, negative) CONDITIONING with the extra conds the architecture needs:
-    SDXL pooled 1280 + size conds, SD3 pooled 2048, Flux pooled 768 + guidance, PixArt none."""
+    SDXL pooled 1280 + size conds, SD3 pooled 2048, Flux pooled 768 + guidance, PixArt-alpha size conds."""
     g = torch.Generator().manual_seed(seed)
 
     def one():
@@ -139,7 +140,8 @@ def conditioning(name: str, seed: int = 0, res: int | None = None) -> tuple[list
             return [[torch.randn(1, 256, 4096, generator=g),
                      {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
         if name == "pixart":
-            return [[torch.randn(1, 120, 4096, generator=g), {}]]
+            size = res or 1024
+            return [[torch.randn(1, 120, 4096, generator=g), {"width": size, "height": size}]]
         return [[torch.randn(1, 77, 768, generator=g), {}]]  # sd15, tiny-sd15
 
     return one(), one()

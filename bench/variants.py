@@ -40,8 +40,14 @@ def names(default_only: bool = False) -> list[str]:
 
 def select(spec: str | None) -> list[Variant]:
     """The variants named in a comma-separated `spec` (all default ones when None), eager first so
-    the others can be compared with it. Raises ValueError naming an unknown variant."""
+    the others can be compared with it. `diffboost=MODE` and `diffboost-fp8=MODE` name Compile Model
+    (inductor) with any mode string, without or with Quantize FP8 before it; the latter also takes
+    `;min=M` (min_weights_millions) and `;skip=PATTERN` (one more ignore pattern, repeatable).
+    Raises ValueError naming an unknown variant or a bad mode string."""
     wanted = names(default_only=True) if not spec else [s.strip() for s in spec.split(",") if s.strip()]
+    for name in wanted:
+        if "=" in name and name not in VARIANTS:
+            register(_custom_mode_variant(name))
     unknown = [n for n in wanted if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
@@ -121,13 +127,15 @@ register(Variant("comfy-fp8", "ComfyUI's native FP8 (fp8_e4m3fn weights, fp8_opt
 
 # --- diffboost FP8: registered once diffboost.quant offers a quantizer ---------------------------
 
-def _diffboost_fp8(mode: str | None):
+def _diffboost_fp8(mode: str | None, min_weights_millions: float | None = None, skip: tuple[str, ...] = ()):
     def apply(base, bm):
         from ..backends import CompileOptions
         from ..nodes.patching import with_boost
-        from ..quant import DEFAULT_IGNORE, Fp8Quantizer, QuantConfig, choose_layers
+        from ..quant import DEFAULT_IGNORE, DEFAULT_MIN_WEIGHTS_MILLIONS, Fp8Quantizer, QuantConfig, choose_layers
 
-        config = QuantConfig.from_user("rowwise", ignore="\n".join(DEFAULT_IGNORE))  # the node's defaults
+        ignore = ", ".join((DEFAULT_IGNORE, *skip))  # the node's defaults, plus the variant's own
+        minimum = DEFAULT_MIN_WEIGHTS_MILLIONS if min_weights_millions is None else min_weights_millions
+        config = QuantConfig.from_user("rowwise", ignore=ignore, min_weights_millions=minimum)
         summary = choose_layers(base.get_model_object("diffusion_model"), config).summary()
         changes = {"quantizer": Fp8Quantizer(config), "quantization": summary}
         if mode is not None:
@@ -136,6 +144,45 @@ def _diffboost_fp8(mode: str | None):
         return with_boost(base, **changes)
 
     return apply
+
+
+def _fp8_settings(name: str, parts: list[str]) -> tuple[float | None, tuple[str, ...]]:
+    """`min=M` (Quantize FP8's min_weights_millions) and `skip=PATTERN` (added to the ignore list)."""
+    minimum, skip = None, []
+    for part in parts:
+        key, _, value = part.partition("=")
+        if key == "min":
+            try:
+                minimum = float(value)
+            except ValueError:
+                raise ValueError(f"variant '{name}': min={value} is not a number of millions of weights") from None
+        elif key == "skip" and value:
+            skip.append(value)
+        else:
+            raise ValueError(f"variant '{name}': '{part}' is neither min=MILLIONS nor skip=PATTERN")
+    return minimum, tuple(skip)
+
+
+def _custom_mode_variant(name: str) -> Variant:
+    from ..backends.errors import ConfigError
+    from ..backends.modes import parse_mode
+
+    kind, spec = name.split("=", 1)
+    mode, *settings = spec.split(";")
+    try:
+        parse_mode(mode)
+    except ConfigError as e:
+        raise ValueError(f"variant '{name}': {e}") from None
+    if kind == "diffboost" and not settings:
+        apply, graph = _diffboost_compile("inductor", mode)
+        return Variant(name, f"diffboost Compile Model, backend inductor, mode {mode}", apply=apply, graph=graph,
+                       default=False)
+    if kind == "diffboost-fp8":
+        minimum, skip = _fp8_settings(name, settings)
+        return Variant(name, f"diffboost Quantize FP8 then Compile Model, mode {mode}",
+                       apply=_diffboost_fp8(mode, minimum, skip),
+                       unavailable=_fp8_unavailable, default=False)
+    raise ValueError(f"variant '{name}': only diffboost=MODE and diffboost-fp8=MODE[;min=M][;skip=PATTERN] take a mode")
 
 
 register(Variant("diffboost-fp8", "diffboost Quantize FP8 (W8A8 rowwise, default layers), not compiled",

@@ -21,14 +21,19 @@ LABELS = {short: label for label, short in QUANT_TYPES.items()}
 SHORT_NAMES = {"rowwise": "W8A8 rowwise", "tensorwise": "W8A8 per-tensor", "weight_only": "weight-only"}
 NEEDS_FP8_MATMUL = frozenset({"rowwise", "tensorwise"})  # these multiply in FP8; weight-only does not
 
-DEFAULT_MIN_FEATURES = 512
-# Measured on an H100 (benchmarks/RESULTS.md, 4096 tokens, compiled): the FP8 matmul pays for its
-# activation pass from 9.4M weights (Flux, SD3 MLPs: 1.3x - 1.6x) and loses up to 6.5M (SDXL: 0.85x).
-DEFAULT_MIN_WEIGHTS_MILLIONS = 8.0
-# Layers that see one row per image (timestep, pooled-text and modulation projections): FP8 makes
-# them no faster and only adds error, so they are kept by default. Names from ComfyUI's UNet/DiT code.
+# Measured on an H100 (benchmarks/RESULTS.md, compiled, whole models): FP8 pays on the DiTs' layers
+# of 1536 features and more (SD3 1.13x, Flux 1.28x over bf16) and not on narrower ones (PixArt's
+# 1152: 1.01x; the UNets' 320 - 1280: 0.83x - 0.87x per layer), down to 2M weights (SD3's 1536 x 1536).
+DEFAULT_MIN_FEATURES = 1536
+DEFAULT_MIN_WEIGHTS_MILLIONS = 2.0
+# Layers that see one row per image (timestep, pooled-text and modulation projections), and layers
+# that see only the text tokens (SD3's context blocks, Flux's txt stream, cross-attention keys and
+# values): too few rows for FP8 to pay (SD3: 1.10x with its context blocks in FP8, 1.13x without),
+# so they are kept by default. Names from ComfyUI's UNet/DiT code.
 DEFAULT_IGNORE = ("*adaLN_modulation*, *_mod.lin, *.modulation.lin, time_in.*, time_embed.*, time_text_embed.*, "
-                  "t_embedder.*, t_block.*, label_emb.*, *.emb_layers.*, vector_in.*, guidance_in.*, y_embedder.*")
+                  "t_embedder.*, t_block.*, label_emb.*, *.emb_layers.*, vector_in.*, guidance_in.*, y_embedder.*, "
+                  "*.context_block.*, context_embedder, *.txt_*, txt_in, *.attn2.to_k, *.attn2.to_v, "
+                  "*.cross_attn.kv_linear")
 SETTING_KEYS = ("quant_type",)
 
 

@@ -13,7 +13,7 @@ from diffboost.bench import variants
 from diffboost.bench.host import ComfyNotFound, comfy_path
 
 REQUIRED = ("variant", "it_per_s", "first_call_s", "peak_mem_bytes", "recompiles", "tflops", "rel_err_vs_eager",
-            "cosine_vs_eager")
+            "cosine_vs_eager", "one_call_rel_err_vs_eager", "one_call_cosine_vs_eager")
 
 
 def _comfy_or_skip():
@@ -41,10 +41,13 @@ def test_cli_compares_the_default_variants_on_cpu(tmp_path):
             assert r["it_per_s"] > 0 and r["first_call_s"] > 0 and r["tflops"] > 0
             assert r["rel_err_vs_eager"] is not None and r["rel_err_vs_eager"] < 0.05, r
             assert r["cosine_vs_eager"] > 0.99
+            assert r["one_call_rel_err_vs_eager"] is not None and r["one_call_rel_err_vs_eager"] < 0.05, r
+            assert r["one_call_cosine_vs_eager"] > 0.99
         else:  # only variants that cannot run here (FP8 without an FP8 GPU) may be missing, and say why
             assert r["error"].startswith("skipped: "), r
     eager = records[0]
     assert eager["ok"] and eager["rel_err_vs_eager"] == 0.0 and eager["speedup_vs_eager"] == 1.0
+    assert eager["one_call_rel_err_vs_eager"] == 0.0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -76,3 +79,15 @@ def test_server_prompts_put_the_variant_between_checkpoint_and_benchmark_sampler
         assert bench["class_type"] == "DiffBoostBenchmarkSampler" and bench["inputs"]["timed_runs"] == 2
         assert prompt[bench["inputs"]["model"][0]]["class_type"] == expected
         assert prompt[save_id]["inputs"]["samples"] == [bench_id, 0]
+
+
+def test_custom_variants_take_a_mode_and_fp8_layer_settings():
+    chosen = variants.select("diffboost=O2:benchmark,diffboost-fp8=O3;min=2;skip=*.txt_*;skip=txt_in")
+    assert [v.name for v in chosen] == ["diffboost=O2:benchmark", "diffboost-fp8=O3;min=2;skip=*.txt_*;skip=txt_in"]
+    assert variants._fp8_settings("v", ["min=2.5", "skip=*.txt_*", "skip=txt_in"]) == (2.5, ("*.txt_*", "txt_in"))
+    for bad, message in (("diffboost-fp8=O3;min=lots", "min=lots is not a number"),
+                         ("diffboost-fp8=O3;fast", "'fast' is neither min=MILLIONS nor skip=PATTERN"),
+                         ("diffboost=O2;min=2", "only diffboost=MODE and diffboost-fp8=MODE"),
+                         ("diffboost=warp-speed", "variant 'diffboost=warp-speed'")):
+        with pytest.raises(ValueError, match=message):
+            variants.select(bad)

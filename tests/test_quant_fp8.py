@@ -132,16 +132,19 @@ def inputs(model):
 
 
 def chosen(model, **config) -> set[str]:
-    config = {"min_weights_millions": 0, **config}  # the tiny layers are far below the default 8M
+    config = {"min_weights_millions": 0, "min_features": TINY_MIN_FEATURES, **config}
     return set(choose_layers(model, QuantConfig.from_user("rowwise", **config)).quantized)
 
 
+# The tiny DiT is 512 wide, far below the default thresholds made for the real models.
+TINY_MIN_FEATURES = 512
 BIG = {f"blocks.{i}.{n}" for i in range(2) for n in ("qkv", "mlp.0", "mlp.2")}
 
 
 def test_default_selection_keeps_edges_conditioning_small_and_odd_layers():
     model = tiny_dit()
-    selection = choose_layers(model, QuantConfig.from_user("rowwise", ignore=DEFAULT_IGNORE, min_weights_millions=0))
+    selection = choose_layers(model, QuantConfig.from_user("rowwise", ignore=DEFAULT_IGNORE, min_weights_millions=0,
+                                                           min_features=TINY_MIN_FEATURES))
     assert set(selection.quantized) == BIG
     reasons = {c.name: c.reason for c in selection.kept}
     assert reasons["x_embedder"] == reasons["final_layer"] == "first/last layer"
@@ -169,16 +172,42 @@ def test_threshold_edges_and_ignore_list_change_the_choice():
 
 
 def test_by_default_only_layers_big_enough_for_fp8_to_pay_are_chosen():
-    # Shapes from the H100 micro-benchmark (benchmarks/RESULTS.md); meta tensors: only shapes are read.
-    shapes = {"sdxl_ff": (1280, 5120), "flux_attn_out": (3072, 3072), "flux_mlp_up": (3072, 12288)}
+    # Shapes from the H100 measurements (benchmarks/RESULTS.md); meta tensors: only shapes are read.
+    shapes = {"sdxl_ff": (1280, 5120), "pixart_mlp": (1152, 4608), "sd3_attn_out": (1536, 1536),
+              "flux_mlp_up": (3072, 12288), "wide_but_few": (4096, 256)}
     model = torch.nn.Module()
     model.stem = torch.nn.Conv2d(4, 8, 1)
     model.blocks = torch.nn.ModuleDict({name: torch.nn.Linear(*s, device="meta") for name, s in shapes.items()})
     model.head = torch.nn.Conv2d(8, 4, 1)
     selection = choose_layers(model, QuantConfig.from_user("rowwise"))
-    assert set(selection.quantized) == {"blocks.flux_attn_out", "blocks.flux_mlp_up"}
-    assert "Kept 1 (fewer than 8M weights: FP8 would not pay): blocks.sdxl_ff" in selection.report()
-    assert len(choose_layers(model, QuantConfig.from_user("rowwise", min_weights_millions=0)).quantized) == 3
+    assert set(selection.quantized) == {"blocks.sd3_attn_out", "blocks.flux_mlp_up"}
+    assert ("Kept 3 (smaller than 1536 features): blocks.sdxl_ff, blocks.pixart_mlp, blocks.wide_but_few"
+            in selection.report())
+    few = choose_layers(model, QuantConfig.from_user("rowwise", min_features=256, min_weights_millions=2))
+    assert "Kept 1 (fewer than 2M weights: FP8 would not pay): blocks.wide_but_few" in few.report()
+    assert len(choose_layers(model, QuantConfig.from_user("rowwise", min_features=256,
+                                                          min_weights_millions=0)).quantized) == 5
+
+
+def test_by_default_layers_that_see_only_text_tokens_are_kept():
+    # Names as in ComfyUI's MMDiT (SD3), Flux, SDXL and PixArt code: text-token layers have few rows.
+    names = ["joint_blocks.0.context_block.mlp.fc1", "joint_blocks.0.x_block.mlp.fc1", "context_embedder",
+             "double_blocks.0.txt_mlp.0", "double_blocks.0.img_mlp.0", "txt_in",
+             "input_blocks.4.1.transformer_blocks.0.attn2.to_k", "input_blocks.4.1.transformer_blocks.0.attn2.to_q",
+             "blocks.0.cross_attn.kv_linear", "blocks.0.cross_attn.q_linear"]
+    model = torch.nn.Module()
+    model.stem = torch.nn.Conv2d(4, 8, 1)
+    for name in names:
+        parent = model
+        for part in name.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(name.split(".")[-1], torch.nn.Linear(2048, 2048, device="meta"))
+    model.head = torch.nn.Conv2d(8, 4, 1)
+    chosen_names = set(choose_layers(model, QuantConfig.from_user("rowwise", ignore=DEFAULT_IGNORE)).quantized)
+    assert chosen_names == {"joint_blocks.0.x_block.mlp.fc1", "double_blocks.0.img_mlp.0",
+                            "input_blocks.4.1.transformer_blocks.0.attn2.to_q", "blocks.0.cross_attn.q_linear"}
 
 
 def test_config_file_keeps_forces_and_retypes_layers_last_entry_wins(tmp_path):
@@ -192,7 +221,8 @@ def test_config_file_keeps_forces_and_retypes_layers_last_entry_wins(tmp_path):
         "final_layer": {"quant_type": "fp8 e4m3 per-tensor scales"},
     }))
     model = tiny_dit()
-    config = QuantConfig.from_user("rowwise", ignore="*adaLN*", config_path=path, min_weights_millions=0)
+    config = QuantConfig.from_user("rowwise", ignore="*adaLN*", config_path=path, min_weights_millions=0,
+                                   min_features=TINY_MIN_FEATURES)
     plan = choose_layers(model, config).quantized
     assert plan == {"blocks.0.adaLN_modulation.1": "weight_only", "blocks.0.qkv": "weight_only",
                     "blocks.0.mlp.0": "weight_only", "blocks.0.mlp.2": "weight_only",
@@ -232,7 +262,7 @@ def test_bad_inputs_say_what_is_wrong(tmp_path):
 
 def standin_of(model, **config):
     config = QuantConfig.from_user("rowwise", ignore=DEFAULT_IGNORE, allow_reference_path=True,
-                                   **{"min_weights_millions": 0, **config})
+                                   **{"min_weights_millions": 0, "min_features": TINY_MIN_FEATURES, **config})
     return quantized_standin(model, config)
 
 
