@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,8 +59,17 @@ class CompiledModule(torch.nn.Module):
         self._lock = threading.Lock()
         self._cache = cache
         self._cache_key: str | None = None
+        try:
+            # torch keeps every backend it was given until torch._dynamo.reset(): a strong callback would
+            # keep this model and its graphs alive after ComfyUI freed it.
+            compiled = backend.compile(original, options, _weak_call(self._count_graph))
+        except self._passthrough:
+            raise
+        except Exception as e:  # a backend failing at once must honour on_failure too, not escape unexplained
+            self._fall_back_or_raise(e)
+            compiled = original
         # Held outside _modules too: a compiled nn.Module child would expose the original's parameters twice.
-        object.__setattr__(self, "_compiled", backend.compile(original, options, self._count_graph))
+        object.__setattr__(self, "_compiled", compiled)
 
     @property
     def original(self) -> torch.nn.Module:
@@ -83,6 +94,9 @@ class CompiledModule(torch.nn.Module):
             # Keyed at the first call, when the weights sit on the device the graphs are built for.
             self._cache_key = cache_key(self._original, self.options, device_name(self._original))
             stats.cache = "hit" if self._cache.load(self._cache_key) else "miss"
+        if self.options.dynamic == "auto":
+            # Prompts differ in length (77, 154, ... tokens): static at one length, auto recompiles for the next.
+            _mark_token_dim_dynamic(kwargs.get("context"))
         graphs_before = stats.graphs_compiled
         start = time.perf_counter()
         try:
@@ -96,18 +110,7 @@ class CompiledModule(torch.nn.Module):
         except self._passthrough:
             raise
         except Exception as e:  # the backend failed: fall back or fail, as the user chose
-            reason = f"{type(e).__name__}: {e}".strip()
-            if len(reason) > 600:
-                reason = reason[:600] + " ..."
-            if not self.options.falls_back:
-                raise CompileFailed(
-                    f"{self.options.backend} could not compile or run the {self.label}: {reason}. "
-                    "Set on_failure to 'fall back to eager' to run without compilation, or choose "
-                    "another backend or mode.") from e
-            stats.failure = reason
-            stats.events.append(f"fell back to eager: {reason}")
-            log.warning("diffboost: %s failed on the %s, running it uncompiled from now on: %s",
-                        self.options.backend, self.label, reason)
+            self._fall_back_or_raise(e)
             return self._original(*args, **kwargs)
         elapsed = time.perf_counter() - start
         stats.calls += 1
@@ -119,6 +122,21 @@ class CompiledModule(torch.nn.Module):
                 self._save_to_cache()
         return out
 
+    def _fall_back_or_raise(self, error: Exception) -> None:
+        """Raise CompileFailed, or record the failure so that the original runs from now on, as the user chose."""
+        reason = f"{type(error).__name__}: {error}".strip()
+        if len(reason) > 600:
+            reason = reason[:600] + " ..."
+        if not self.options.falls_back:
+            raise CompileFailed(
+                f"{self.options.backend} could not compile or run the {self.label}: {reason}. "
+                "Set on_failure to 'fall back to eager' to run without compilation, or choose "
+                "another backend or mode.") from error
+        self.stats.failure = reason
+        self.stats.events.append(f"fell back to eager: {reason}")
+        log.warning("diffboost: %s failed on the %s, running it uncompiled from now on: %s",
+                    self.options.backend, self.label, reason)
+
     def _save_to_cache(self) -> None:
         try:
             self._cache.save(self._cache_key)
@@ -126,5 +144,24 @@ class CompiledModule(torch.nn.Module):
             log.warning("diffboost: could not write the compile cache in %s: %s", self._cache.root, e)
 
 
+def _weak_call(method) -> Callable[[], None]:
+    """Call `method` while its object lives; do nothing after."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
+
+
 def _is_image_batch(x) -> bool:
     return torch.is_tensor(x) and x.dim() == 4
+
+
+def _mark_token_dim_dynamic(context) -> None:
+    """Compile the token dimension of text conditioning (batch, tokens, width) for any length; a
+    hint only: torch keeps it static where the model needs one length."""
+    if torch.is_tensor(context) and context.dim() == 3:
+        torch._dynamo.maybe_mark_dynamic(context, 1)

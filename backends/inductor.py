@@ -74,10 +74,16 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
         return super().__call__(model_, inputs_, **kwargs)
 
 
+# transformer_options entries that change between prompts (the sampler's wrappers and callbacks, the
+# noise schedule, per-prompt ids) without changing the denoiser's code.
+VOLATILE_TRANSFORMER_OPTIONS = ("wrappers", "callbacks", "sigmas", "sample_sigmas", "uuids")
+
+
 def keep_transformer_options_unguarded(guard_entries) -> list[bool]:
-    """Patches and wrappers live in transformer_options and change between prompts; guarding on
-    them recompiles for nothing (ComfyUI's own compile drops them the same way)."""
-    return ["transformer_options" not in entry.name for entry in guard_entries]
+    """Drop the guards on transformer_options' volatile entries: guarding on them recompiles for
+    nothing. Its other entries stay guarded: an attention patch (IP-Adapter) added after the compile
+    must recompile, not be silently left out of the compiled graph."""
+    return [not any(f"['{key}']" in entry.name for key in VOLATILE_TRANSFORMER_OPTIONS) for entry in guard_entries]
 
 
 class InductorBackend(Backend):
@@ -101,8 +107,23 @@ class InductorBackend(Backend):
                                  options={"guard_filter_fn": keep_transformer_options_unguarded}, **kwargs)
 
         if not options.mode.regional:
-            return compile_one(module)
+            return without_duck_sizing(compile_one(module))
         # One compiled graph per block shape serves every instance: params are graph inputs.
         blocks = repeated_blocks(module)
-        return replace_submodules(
-            module, lambda name, m: twin_calling(m, compile_one(m)) if type(m) in blocks else None)
+        return without_duck_sizing(replace_submodules(
+            module, lambda name, m: twin_calling(m, compile_one(m)) if type(m) in blocks else None))
+
+
+def without_duck_sizing(compiled: Callable) -> Callable:
+    """`compiled`, traced with duck sizing off. Duck sizing gives sizes that are equal at the first
+    compile one symbol (a square latent's height and width), so every other aspect ratio recompiles."""
+    from torch.fx.experimental import _config as shape_config
+
+    if not hasattr(shape_config, "use_duck_shape"):
+        return compiled
+
+    def call(*args, **kwargs):
+        with shape_config.patch(use_duck_shape=False):  # read when a frame is traced, i.e. inside the call
+            return compiled(*args, **kwargs)
+
+    return call

@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scheduler", default="simple")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--cfg", type=float, default=None, help="default: the architecture's usual value")
+    p.add_argument("--vram", default="normal", choices=["normal", "lowvram", "novram"],
+                   help="ComfyUI's memory mode (its --lowvram / --novram): checks that variants survive "
+                        "partial loading")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="weights dtype (random models)")
     p.add_argument("--json", default=None, metavar="PATH", help="write one record per variant")
     p.add_argument("--plot", default=None, metavar="PATH", help="draw a PNG chart")
@@ -113,7 +116,7 @@ def run_in_process(args, chosen) -> tuple[list[dict], str]:
 
     from .host import boot
 
-    host = boot()
+    host = boot(vram=args.vram)
     import torch
 
     from ..nodes.benchmark_sampler import measure_sampling
@@ -133,6 +136,8 @@ def run_in_process(args, chosen) -> tuple[list[dict], str]:
     latent = {"samples": torch.zeros(args.batch, bm.latent_channels, res // 8, res // 8)}
     header = (f"{bm.description}, {res}x{res}, batch {args.batch}, {args.steps} steps {args.sampler}/{args.scheduler}, "
               f"cfg {bm.cfg}, {args.warmup} warm-up + {args.runs} timed runs, device {_device_name(device)}")
+    if args.vram != "normal":
+        header += f", ComfyUI memory mode {host.mm.vram_state.name}"
     print(header)
     rows = []
     bar = tqdm(chosen, desc="variants", unit="variant")
@@ -156,6 +161,9 @@ def run_in_process(args, chosen) -> tuple[list[dict], str]:
                 reporter.close()
             row.update(_row_from_stats(stats.as_dict()))
             row["latent"] = out["samples"].detach().float().cpu()
+            if args.vram != "normal":  # how much of the model partial loading left on the GPU
+                print(f"{variant.name}: {model.loaded_size() / max(model.model_size(), 1):.0%} of the weights "
+                      "were on the GPU while sampling", flush=True)
             one, _ = measure_sampling(model, args.seed, 1, bm.cfg, "euler", "simple", bm.positive, bm.negative,
                                       latent, ONE_CALL_DENOISE, 0, 1, where=f"diffboost-bench variant {variant.name}")
             row["one_call"] = one["samples"].detach().float().cpu()

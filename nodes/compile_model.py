@@ -64,7 +64,8 @@ class CompileModel(io.ComfyNode):
         try:
             options = CompileOptions.from_user(backend, mode, memory_format, dynamic, fuse_qkv, on_failure)
             m = with_boost(model, compile_options=options, compile_cache=open_cache(compile_cache),
-                           compile_label=f"{type(model.model).__name__} diffusion model (from {where})")
+                           compile_label=f"{type(model.model).__name__} diffusion model (from {where})",
+                           compile_node=cls.hidden.unique_id)
         except DiffBoostError as e:
             raise node_error(where, e) from e
         return io.NodeOutput(m, ui={"text": [describe(m)]})

@@ -27,6 +27,7 @@ DENOISER = "diffusion_model"
 class BoostState:
     compile_options: CompileOptions | None = None
     compile_label: str = "diffusion model"
+    compile_node: str | None = None  # the Compile Model node's id, told when its model falls back to eager
     compile_cache: CompileCache | None = None
     # Builds a quantized stand-in for the denoiser (never changing its argument), and says what it did.
     quantizer: Callable | None = None
@@ -68,14 +69,16 @@ def with_boost(model, **changes) -> object:
     m = model.clone()
     m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     if denoiser is not original:
-        m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, swap_in_while_applying({DENOISER: denoiser}))
+        after = None if compiled is None else report_fallback(compiled, state.compile_node)
+        m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY,
+                               swap_in_while_applying({DENOISER: denoiser}, after))
     m.model_options[STATE_KEY] = state
     return m
 
 
-def swap_in_while_applying(modules_by_key: dict):
+def swap_in_while_applying(modules_by_key: dict, after: Callable[[], None] | None = None):
     """An APPLY_MODEL wrapper that puts `modules_by_key` (attribute path -> module) in place for
-    the call and restores the originals afterwards, also when the call raises."""
+    the call and restores the originals afterwards, also when the call raises; then calls `after`."""
 
     def wrapper(executor, *args, **kwargs):
         originals = {}
@@ -87,8 +90,28 @@ def swap_in_while_applying(modules_by_key: dict):
         finally:
             for key, module in originals.items():
                 comfy.utils.set_attr(executor.class_obj, key, module)
+            if after is not None:
+                after()
 
     return wrapper
+
+
+def report_fallback(compiled: CompiledModule, node_id: str | None) -> Callable[[], None]:
+    """A callback that shows, once, on the Compile Model node that its model fell back to eager: the
+    node's own text was written before the first sampling step, where the compile happens."""
+    reported = []
+
+    def after_call() -> None:
+        if reported or compiled.stats.failure is None or node_id is None:
+            return
+        reported.append(True)
+        from server import PromptServer
+
+        server = PromptServer.instance
+        if server is not None and hasattr(server, "send_progress_text"):
+            server.send_progress_text(describe_compiled(compiled), node_id)
+
+    return after_call
 
 
 def describe(model) -> str:
@@ -98,11 +121,15 @@ def describe(model) -> str:
     if state.quantization:
         parts.append(f"FP8: {state.quantization}")
     if state.compiled is not None:
-        s = state.compiled.stats
-        text = f"compiled: {state.compiled.options.describe()}, {s.graphs_compiled} graph(s) compiled"
-        if s.cache != "off":
-            text += f", cache {s.cache}"
-        if s.failure:
-            text += f", FELL BACK TO EAGER ({s.failure[:120]})"
-        parts.append(text)
+        parts.append(describe_compiled(state.compiled))
     return "; ".join(parts) or "eager (not compiled, not quantized)"
+
+
+def describe_compiled(compiled: CompiledModule) -> str:
+    s = compiled.stats
+    text = f"compiled: {compiled.options.describe()}, {s.graphs_compiled} graph(s) compiled"
+    if s.cache != "off":
+        text += f", cache {s.cache}"
+    if s.failure:
+        text += f", FELL BACK TO EAGER ({s.failure[:120]})"
+    return text

@@ -94,7 +94,8 @@ def load_submodule_settings(path: str | Path) -> tuple[tuple[str, str | None], .
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where} could not be read: {e}") from e
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+        raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. Fix the file "
+                          '(an object such as {"double_blocks.0.*": false}) or clear config_path') from e
     if not isinstance(data, dict):
         raise ConfigError(f'{where} must hold a JSON object such as {{"double_blocks.0.*": false, '
                           f'"single_blocks.*": {{"quant_type": "weight_only"}}}}, not a {type(data).__name__}')

@@ -204,17 +204,22 @@ class Host:
         """An API-format node dict with every widget input not given set to its default (or a combo's
         first choice), so tests keep working as a schema grows. Links (model=...) are left to the caller;
         `tiny_models.graph(insert=...)` fills "model"."""
-        spec = self.node_class(class_type).INPUT_TYPES()
-        for section in ("required", "optional"):
-            for name, s in spec.get(section, {}).items():
-                if name in inputs:
-                    continue
-                opts = s[1] if len(s) > 1 and isinstance(s[1], dict) else {}
-                if "default" in opts:
-                    inputs[name] = opts["default"]
-                elif section == "required" and isinstance(s[0], list) and s[0]:
-                    inputs[name] = s[0][0]
-        return {"class_type": class_type, "inputs": inputs}
+        return node_with_defaults(self.node_class(class_type).INPUT_TYPES(), class_type, **inputs)
+
+
+def node_with_defaults(spec: dict, class_type: str, **inputs) -> dict:
+    """Host.node for a node's input spec from anywhere: INPUT_TYPES() here, or a server's
+    /object_info/<class>["input"]."""
+    for section in ("required", "optional"):
+        for name, s in spec.get(section, {}).items():
+            if name in inputs:
+                continue
+            opts = s[1] if len(s) > 1 and isinstance(s[1], dict) else {}
+            if "default" in opts:
+                inputs[name] = opts["default"]
+            elif section == "required" and isinstance(s[0], list) and s[0]:
+                inputs[name] = s[0][0]
+    return {"class_type": class_type, "inputs": inputs}
 
 
 def _validation_text(error, node_errors) -> str:
@@ -242,12 +247,9 @@ def _load_node_pack(nodes, path: Path, must_define: str) -> dict:
     return {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if before.get(k) is not v}
 
 
-def boot(models_root: Path | None = None) -> Host:
-    """Import ComfyUI into this process (once per process), register the tiny models' folders and load
-    this pack (as custom_nodes/diffboost) and the test nodes. Raises RuntimeError if ComfyUI is absent."""
-    global _host
-    if _host is not None:
-        return _host
+def import_comfy() -> Path:
+    """Put ComfyUI on sys.path and import its model management on the CPU, without letting it parse
+    this process's command line (enough to write the tiny models). Its folder; RuntimeError if absent."""
     comfy_path = find_comfyui()
     if comfy_path is None:
         raise RuntimeError(HOST_MISSING_REASON)
@@ -263,6 +265,16 @@ def boot(models_root: Path | None = None) -> Host:
 
     if not comfy.model_management.cpu_state == comfy.model_management.CPUState.CPU:
         raise RuntimeError("comfy.model_management was imported before the harness could select the CPU")
+    return comfy_path
+
+
+def boot(models_root: Path | None = None) -> Host:
+    """Import ComfyUI into this process (once per process), register the tiny models' folders and load
+    this pack (as custom_nodes/diffboost) and the test nodes. Raises RuntimeError if ComfyUI is absent."""
+    global _host
+    if _host is not None:
+        return _host
+    comfy_path = import_comfy()
     importlib.import_module("utils.extra_config")  # before `server`: else `utils` resolves to comfy/utils.py
     import server
 

@@ -150,6 +150,25 @@ class ComfyServer:
                 parsed = raw.decode(errors="replace")
             raise PromptRejected(e.code, parsed) from None
 
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        """POST /interrupt: stop the running prompt (only if it is `prompt_id`, when given)."""
+        body = json.dumps({"prompt_id": prompt_id} if prompt_id else {}).encode()
+        req = urllib.request.Request(self.url + "/interrupt", data=body, headers={"Content-Type": "application/json"},
+                                     method="POST")
+        with urllib.request.urlopen(req, timeout=30):
+            pass
+
+    def queue_size(self) -> int:
+        """Prompts running or waiting (GET /queue)."""
+        queue = self.get_json("/queue")
+        return len(queue.get("queue_running", [])) + len(queue.get("queue_pending", []))
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory (its compile worker processes not included)."""
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss
+
     def history(self, prompt_id: str) -> dict:
         """GET /history/<id>: that prompt's entry ({"prompt", "outputs", "status", "meta"}) or {}."""
         return self.get_json(f"/history/{prompt_id}").get(prompt_id, {})

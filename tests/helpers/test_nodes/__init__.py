@@ -6,11 +6,18 @@
   `CaptureLatent.STORE[key]` (read it through the class in nodes.NODE_CLASS_MAPPINGS: ComfyUI loads
   this file under a path-named module, so importing it again would give a second, empty STORE) and
   report shape/finite/mean/std in their ui dict (visible in /history of a real server too).
+- DiffBoostTest_AttentionScalePatch: a cross-attention patch applied the way IP-Adapter packs apply
+  theirs; DiffBoostTest_SdpaAttention: attention through torch SDPA, as on a GPU (attention_patch.py).
+- DiffBoostTest_RegisterBackends: registers compile backends that fail on purpose in the pack's
+  backend registry (failing_backends.py).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .attention_patch import AttentionScalePatch, SdpaAttention
+from .failing_backends import RegisterBackends
 
 ARCHES = ["sd15", "sdxl", "sd3", "pixart", "flux"]
 # (context width, default token count, pooled width or None); token counts are what the real encoders
@@ -103,4 +110,7 @@ NODE_CLASS_MAPPINGS = {
     "DiffBoostTest_RandomConditioning": RandomConditioning,
     "DiffBoostTest_CaptureLatent": CaptureLatent,
     "DiffBoostTest_CaptureImage": CaptureImage,
+    "DiffBoostTest_AttentionScalePatch": AttentionScalePatch,
+    "DiffBoostTest_SdpaAttention": SdpaAttention,
+    "DiffBoostTest_RegisterBackends": RegisterBackends,
 }

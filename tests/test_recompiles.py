@@ -1,0 +1,264 @@
+"""Compilation is paid once: after a model's first compile, what users change between prompts
+(resolution, batch size, steps, cfg, prompt length, LoRA, ControlNet, attention patches,
+instruct-pix2pix images) runs on the graphs already built. Real ComfyUI host, tiny models, inductor
+on the CPU, each scenario with GPU-like attention (one graph) and with ComfyUI's CPU attention.
+
+A recompile is a graph torch.dynamo captures after the first compile (the count the Benchmark
+Sampler reports as recompiles_dynamo). Each test also checks that the output follows the change and
+matches eager, so a stale graph or a cached result cannot pass for "no recompile"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_models as T
+from helpers import workflows as wf
+
+# Two euler steps of a compiled fp32 model against eager on the CPU: rounding differences only.
+TOLERANCE = 1e-3
+# Tiny images with the aspect ratios of 1024x1024, 512x768, 768x512 and 832x1216. Square first: a
+# compile at a square size must not assume that height and width stay equal.
+SD15_SIZES = [(64, 64), (64, 96), (96, 64), (104, 152)]
+# SD3 patchifies 2x2 latent pixels, so sides are multiples of 16 px: 208x304 is 832x1216 / 4.
+SD3_SIZES = [(64, 64), (64, 96), (96, 64), (208, 304)]
+# What CLIP gives for prompts of up to 75, 150 and 225 tokens (77 per chunk of 75, with start and end).
+TOKEN_COUNTS = [77, 154, 231]
+IP2P_CHECKPOINT = "instruct-pix2pix-00-22000.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test starts with torch.dynamo as a new process has it. Dynamo remembers which sizes changed
+    in earlier compiles of the same function and starts later compiles dynamic there, which would hide
+    a recompile that a user's first session pays."""
+    torch._dynamo.reset()
+
+
+@pytest.fixture(params=["sdpa", "comfy-cpu"])
+def attention(request) -> list[dict]:
+    """The MODEL-path nodes that choose attention. "sdpa": torch SDPA, as ComfyUI uses on a GPU, so the
+    denoiser compiles as one graph. "comfy-cpu": what ComfyUI picks on a CPU (sub-quadratic attention,
+    which asks for free memory on each call: a graph break per attention, many small graphs)."""
+    return [{"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}] if request.param == "sdpa" else []
+
+
+def compile_node(dynamic: str = "auto") -> dict:
+    return {"class_type": "DiffBoostCompileModel", "inputs": {
+        "backend": "inductor", "mode": "O2", "memory_format": "preserve", "dynamic": dynamic, "fuse_qkv": False,
+        "on_failure": "fail", "compile_cache": "off"}}
+
+
+def lora_node(filename: str, strength: float) -> dict:
+    return {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": filename, "strength_model": strength}}
+
+
+def dynamo_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def rel_err(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def sample(host, prompt, *, fresh: bool = False) -> torch.Tensor:
+    host.run_prompt(prompt, fresh=fresh).check()
+    latent = host.captured_latent().clone()
+    assert torch.isfinite(latent).all()
+    return latent
+
+
+def first_compile(host, prompt) -> torch.Tensor:
+    """Sample on a fresh executor (no compiled model kept from another test) and check that it compiled."""
+    before = dynamo_graphs()
+    latent = sample(host, prompt, fresh=True)
+    assert dynamo_graphs() > before, "the first run compiled nothing: the model is not compiled"
+    return latent
+
+
+def sample_counting(host, prompt) -> tuple[int, torch.Tensor]:
+    """(graphs dynamo captured while sampling `prompt`, the latent)."""
+    before = dynamo_graphs()
+    latent = sample(host, prompt)
+    return dynamo_graphs() - before, latent
+
+
+def assert_changed(a, b, what: str) -> None:
+    change = rel_err(a, b)
+    assert change > 0.01, f"{what} changed the output by {change:.2g} only: a stale graph or a cached result"
+
+
+def check_series(host, cases: dict, *, outputs_differ: bool = True, new_variants: tuple = ()) -> list[torch.Tensor]:
+    """cases: label -> (compiled prompt, the same prompt uncompiled). Samples every compiled prompt in
+    turn, the first on a fresh executor (it must compile), then checks that no later one captured a graph,
+    that each output follows its change (outputs_differ) and matches eager. Labels in `new_variants` run
+    other denoiser code and may compile once, no more graphs than the first compile. The compiled prompts
+    run back to back: ComfyUI's cache drops Compile Model's output when a prompt without it runs, and a
+    re-executed Compile Model compiles anew. Returns the compiled latents."""
+    labels = list(cases)
+    before = dynamo_graphs()
+    latents = [first_compile(host, cases[labels[0]][0])]
+    first = dynamo_graphs() - before
+    new_graphs = {}
+    for label in labels[1:]:
+        new_graphs[label], latent = sample_counting(host, cases[label][0])
+        latents.append(latent)
+    variants = {label: new_graphs.pop(label) for label in new_variants}
+    assert all(n <= first for n in variants.values()), f"first compile: {first} graphs; variants: {variants}"
+    assert not any(new_graphs.values()), f"recompiled after the first compile: {new_graphs}"
+    for i, label in enumerate(labels):
+        if outputs_differ and i:
+            assert_changed(latents[i], latents[i - 1], label)
+        assert rel_err(latents[i], sample(host, cases[label][1])) < TOLERANCE, f"{label}: compiled != eager"
+    return latents
+
+
+# ------------------------------------------------------------------------- resolution and batch size
+
+@pytest.mark.parametrize("arch, sizes", [("sd15", SD15_SIZES), ("sd3", SD3_SIZES)])
+def test_dynamic_compile_serves_every_aspect_ratio_and_batch_size(comfy_host, tiny_models, attention, arch, sizes):
+    shapes = [(w, h, 1) for w, h in sizes] + [(*sizes[0], 2)]
+
+    def prompt(width, height, batch, compiled):
+        insert = [*attention, compile_node("on")] if compiled else attention
+        return T.graph(arch, tiny_models, insert=insert, width=width, height=height, batch_size=batch, decode=False)
+
+    cases = {f"{w}x{h} batch {b}": (prompt(w, h, b, True), prompt(w, h, b, False)) for w, h, b in shapes}
+    latents = check_series(comfy_host, cases, outputs_differ=False)  # the shapes differ instead
+    for (width, height, batch), latent in zip(shapes, latents, strict=True):
+        assert latent.shape == (batch, T.LATENT_CHANNELS[arch], height // 8, width // 8)
+
+
+def test_benchmark_sampler_reports_no_recompile_at_a_new_resolution(comfy_host, tiny_models, attention):
+    insert = [*attention, compile_node("on")]
+    first_compile(comfy_host, T.graph("sd15", tiny_models, insert=insert, decode=False))
+    prompt = T.graph("sd15", tiny_models, insert=insert, width=104, height=152, decode=False)
+    sampler = prompt[T.NODE_IDS["sampler"]]
+    sampler["class_type"] = "DiffBoostBenchmarkSampler"
+    sampler["inputs"].update(warmup_runs=1, timed_runs=1)
+    result = comfy_host.run_prompt(prompt).check()
+    stats = result.outputs[T.NODE_IDS["sampler"]]["diffboost_stats"][0]
+    assert stats["model_state"].startswith("compiled: inductor")
+    # The first prompt compiled at 64x64: 104x152 compiles nothing, in any run.
+    assert stats["first_call_graphs"] == 0 and stats["runs"][0]["dynamo_graphs"] == 0
+    assert stats["recompiles"] == 0 and stats["recompiles_dynamo"] == 0 and stats["recompiles_diffboost"] == 0
+    assert comfy_host.captured_latent().shape == (1, 4, 19, 13)
+
+
+# ----------------------------------------------------------------------------------- steps and cfg
+
+def test_steps_and_cfg_change_does_not_recompile(comfy_host, tiny_models, attention):
+    def prompt(steps, cfg, compiled):
+        insert = [*attention, compile_node()] if compiled else attention
+        return T.graph("sd15", tiny_models, insert=insert, steps=steps, cfg=cfg, decode=False)
+
+    settings = [(2, 7.0), (3, 7.0), (3, 4.0)]
+    check_series(comfy_host, {f"{n} steps, cfg {c}": (prompt(n, c, True), prompt(n, c, False)) for n, c in settings})
+
+
+# ------------------------------------------------------------------------------------ prompt length
+
+@pytest.mark.parametrize("dynamic", ["on", "auto"])
+def test_prompt_length_change_does_not_recompile(comfy_host, tiny_models, attention, dynamic):
+    def prompt(tokens, compiled):
+        insert = [*attention, compile_node(dynamic)] if compiled else attention
+        return T.graph("sd15", tiny_models, insert=insert, tokens=tokens, decode=False)
+
+    check_series(comfy_host, {f"{n} tokens": (prompt(n, True), prompt(n, False)) for n in TOKEN_COUNTS})
+
+
+def test_concatenated_conditioning_does_not_recompile(comfy_host, tiny_models, attention):
+    """ConditioningConcat (one prompt's tokens after another's, as long prompts are built) doubles the tokens."""
+    def prompt(concat, compiled):
+        p = T.graph("sd15", tiny_models, insert=[*attention, compile_node()] if compiled else attention,
+                    decode=False)
+        if concat:
+            p["30"] = {"class_type": "DiffBoostTest_RandomConditioning", "inputs": {
+                "arch": "sd15", "seed": 9, "tokens": 0, "width": 64, "height": 64, "guidance": 3.5}}
+            p["31"] = {"class_type": "ConditioningConcat", "inputs": {
+                "conditioning_to": [T.NODE_IDS["positive"], 0], "conditioning_from": ["30", 0]}}
+            p[T.NODE_IDS["sampler"]]["inputs"]["positive"] = ["31", 0]
+        return p
+
+    check_series(comfy_host, {"one prompt": (prompt(False, True), prompt(False, False)),
+                              "two prompts concatenated": (prompt(True, True), prompt(True, False))})
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+
+@pytest.fixture(scope="module")
+def second_lora(tiny_models) -> str:
+    """A second LoRA file for the tiny SD1.5: the harness' LoRA layout with another seed."""
+    from safetensors.torch import save_file
+
+    path = tiny_models.root / "loras" / "diffboost_tiny_sd15_lora_b.safetensors"
+    if not path.exists():
+        save_file(T._sd15_lora(seed=101), str(path))
+    return path.name
+
+
+def test_switching_lora_or_its_strength_does_not_recompile(comfy_host, tiny_models, attention, second_lora):
+    lora = tiny_models.filename("sd15_lora")
+
+    def prompt(filename, strength, compiled):
+        insert = [*attention, compile_node()] if compiled else attention
+        return T.graph("sd15", tiny_models, insert=[*insert, lora_node(filename, strength)], decode=False)
+
+    settings = [(lora, 1.0), (lora, 0.5), (lora, 0.0), (second_lora, 1.0)]
+    check_series(comfy_host, {f"{f} at {s}": (prompt(f, s, True), prompt(f, s, False)) for f, s in settings})
+
+
+# ---------------------------------------------------------------------------------------- ControlNet
+
+def test_controlnet_strength_and_on_off_do_not_recompile(comfy_host, tiny_models, attention):
+    def prompt(strength, compiled):
+        insert = [*attention, compile_node()] if compiled else attention
+        return T.graph("sd15", tiny_models, insert=insert, controlnet=strength, decode=False)
+
+    series = [("ControlNet 1.0", 1.0), ("ControlNet 0.5", 0.5), ("no ControlNet", None),
+              ("ControlNet 1.0 again", 1.0), ("no ControlNet again", None), ("ControlNet 0.25", 0.25)]
+    # Without a ControlNet the denoiser adds no residuals: other code, compiled once; then switching is free.
+    check_series(comfy_host, {label: (prompt(s, True), prompt(s, False)) for label, s in series},
+                 new_variants=("no ControlNet",))
+
+
+# ----------------------------------------------------------------------------------- attention patch
+
+def test_attention_patch_scale_change_does_not_recompile(comfy_host, tiny_models, attention):
+    def prompt(scale, compiled):
+        patch = [{"class_type": "DiffBoostTest_AttentionScalePatch", "inputs": {"scale": scale}}]
+        insert = [*attention, compile_node()] if compiled else attention
+        return T.graph("sd15", tiny_models, insert=[*insert, *(patch if scale is not None else [])], decode=False)
+
+    series = [("no patch", None), ("patch at 0.5", 0.5), ("patch at 1.0", 1.0), ("patch at -0.5", -0.5),
+              ("no patch again", None)]
+    # The patch added after the compile is other code: compiled once, and it must show in the output.
+    check_series(comfy_host, {label: (prompt(s, True), prompt(s, False)) for label, s in series},
+                 new_variants=("patch at 0.5",))
+
+
+# --------------------------------------------------------------------------------- instruct-pix2pix
+
+@pytest.fixture(scope="module")
+def ip2p_checkpoint(comfy_host, tiny_models) -> str:
+    wf.StandIns(tiny_models.root, tiny_models).path("checkpoints", IP2P_CHECKPOINT)
+    return IP2P_CHECKPOINT
+
+
+def ip2p_prompt(tiny_models, checkpoint: str, insert: list, color: int) -> dict:
+    """Tiny instruct-pix2pix: the input image's latent goes in as concat conditioning."""
+    p = T.graph("sd15", tiny_models, insert=insert, decode=False)
+    p[T.NODE_IDS["loader"]]["inputs"]["ckpt_name"] = checkpoint
+    p["40"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}}
+    p["41"] = {"class_type": "InstructPixToPixConditioning", "inputs": {
+        "positive": [T.NODE_IDS["positive"], 0], "negative": [T.NODE_IDS["negative"], 0],
+        "vae": [T.NODE_IDS["loader"], 2], "pixels": ["40", 0]}}
+    p[T.NODE_IDS["sampler"]]["inputs"].update(positive=["41", 0], negative=["41", 1], latent_image=["41", 2])
+    return p
+
+
+def test_instruct_pix2pix_new_input_image_does_not_recompile(comfy_host, tiny_models, attention, ip2p_checkpoint):
+    def prompt(color, compiled):
+        insert = [*attention, compile_node()] if compiled else attention
+        return ip2p_prompt(tiny_models, ip2p_checkpoint, insert, color)
+
+    check_series(comfy_host, {f"image #{c:06x}": (prompt(c, True), prompt(c, False)) for c in (0x2060C0, 0xE0A040)})
