@@ -324,7 +324,8 @@ def test_freed_compiled_models_release_their_graphs_and_memory(host):
     compiled_module = host.pack_module("backends.compiled").CompiledModule
     arches = ["sd15", "sd3"]
     rows = []
-    # Earlier tests' fixtures may hold models of their own: only what this test leaves behind counts.
+    # Earlier tests (their fixtures, the executor's cache) may hold models of their own, some freed
+    # during the first cycle: only what this test leaves behind counts.
     baseline = count_alive(compiled_module), count_alive(*diffusion_model_classes())
     with torch_trace_not_captured():
         for cycle in range(CYCLES):
@@ -333,7 +334,10 @@ def test_freed_compiled_models_release_their_graphs_and_memory(host):
     print("cycle arch  seconds  rss_mb  compiled_alive  models_alive")
     for cycle, arch, seconds, rss, compiled, models in rows:
         print(f"{cycle:5d} {arch:5s} {seconds:8.1f} {rss:7.0f} {compiled:15d} {models:13d}")
-    assert all((compiled, models) == baseline for *_, compiled, models in rows), "freed models are still alive"
+    # A leak adds one of each per cycle: over six cycles the counts would pass the baseline and grow.
+    assert all(compiled <= baseline[0] and models <= baseline[1] for *_, compiled, models in rows), \
+        "freed models are still alive"
+    assert rows[-1][-1] <= rows[0][-1] and rows[-1][-2] <= rows[0][-2], "models pile up over the cycles"
     warm = rows[1][3]  # both models compiled once by then
     growth = max(r[3] for r in rows[2:]) - warm
     print(f"RSS after both models ran once {warm:.0f} MB, growth over {CYCLES - 2} more cycles {growth:.0f} MB")
