@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
 
 def write_json(path: str, header: str, rows: list[dict]) -> None:
-    add_comparisons(rows)
+    """The rows (with add_comparisons already applied) and the run's setup line, as JSON."""
     with open(path, "w") as f:
         json.dump({"setup": header, "variants": [_json_record(r) for r in rows]}, f, indent=2)
 
@@ -175,6 +175,7 @@ def run_in_process(args, chosen) -> tuple[list[dict], str]:
             del model
             _release(host)
         if args.json:  # after every variant, so a run cut short keeps what it measured
+            add_comparisons(rows)
             write_json(args.json, header, rows)
     return rows, header
 
@@ -216,12 +217,10 @@ def add_comparisons(rows: list[dict]) -> None:
             continue
         if r.get("it_per_s") and eager.get("it_per_s"):
             r["speedup_vs_eager"] = round(r["it_per_s"] / eager["it_per_s"], 4)
-        if r.get("latent") is not None and eager.get("latent") is not None:
-            r["rel_err_vs_eager"] = _finite(relative_error(r["latent"], eager["latent"]))
-            r["cosine_vs_eager"] = _finite(cosine_similarity(r["latent"], eager["latent"]))
-        if r.get("one_call") is not None and eager.get("one_call") is not None:
-            r["one_call_rel_err_vs_eager"] = _finite(relative_error(r["one_call"], eager["one_call"]))
-            r["one_call_cosine_vs_eager"] = _finite(cosine_similarity(r["one_call"], eager["one_call"]))
+        for output, prefix in (("latent", ""), ("one_call", "one_call_")):
+            if r.get(output) is not None and eager.get(output) is not None:
+                r[f"{prefix}rel_err_vs_eager"] = _finite(relative_error(r[output], eager[output]))
+                r[f"{prefix}cosine_vs_eager"] = _finite(cosine_similarity(r[output], eager[output]))
 
 
 def results_table(rows: list[dict]) -> str:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from diffboost.measure.compare import relative_error
+
 SHAPES = {
     "Flux-dev (4096 image + 512 text tokens)": (1, 24, 4608, 128),
     "SD3-medium (4096 + 154 tokens)": (2, 24, 4250, 64),
@@ -91,7 +93,7 @@ def main() -> None:
                     with sdpa_kernel([backend]):
                         out = F.scaled_dot_product_attention(q, k, v)
                         ms = time_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
-                    err = float((out.float() - ref).norm() / ref.norm())
+                    err = relative_error(out, ref)
                     row.update(ms=round(ms, 4), tflops=round(flop / ms / 1e9, 1), rel_err=err)
                 except Exception as e:  # a backend that does not take this shape is a row too
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"

@@ -15,13 +15,7 @@ import time
 
 import torch
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+from diffboost.measure.compare import cosine_similarity, relative_error
 
 
 def inputs(name: str, dtype: torch.dtype, res: int = 1024, seed: int = 0) -> dict:
@@ -75,13 +69,13 @@ def main() -> None:
 
         def record(label, fn):
             out, ms = timed(fn)
-            row = {"variant": label, "ms": round(ms, 2), "rel_err_vs_fp32": rel_err(out, ref),
-                   "cosine_vs_fp32": cosine(out, ref), "finite": bool(torch.isfinite(out).all())}
+            row = {"variant": label, "ms": round(ms, 2), "rel_err_vs_fp32": relative_error(out, ref),
+                   "cosine_vs_fp32": cosine_similarity(out, ref), "finite": bool(torch.isfinite(out).all())}
             if rows:
-                row["rel_err_vs_eager_bf16"] = rel_err(out, rows[0]["out"])
+                row["rel_err_vs_eager_bf16"] = relative_error(out, rows[0]["out"])
             if len(rows) >= 3:  # rows[2] is the compiled bfloat16 one
-                row["rel_err_vs_compiled_bf16"] = rel_err(out, rows[2]["out"])
-                row["cosine_vs_compiled_bf16"] = cosine(out, rows[2]["out"])
+                row["rel_err_vs_compiled_bf16"] = relative_error(out, rows[2]["out"])
+                row["cosine_vs_compiled_bf16"] = cosine_similarity(out, rows[2]["out"])
                 print(f"{'':34} vs compiled bf16: rel err {row['rel_err_vs_compiled_bf16']:.3e} cos "
                       f"{row['cosine_vs_compiled_bf16']:.6f}")
             row["out"] = out.float()
