@@ -24,7 +24,9 @@ CHILD = textwrap.dedent("""
     x = torch.randn(8, 64)
     out = compiled(x)
     err = float((out - model(x)).abs().max())
-    print(json.dumps({**compiled.stats.as_dict(), "err": err}))
+    inductor = torch._dynamo.utils.counters["inductor"]
+    print(json.dumps({**compiled.stats.as_dict(), "err": err, "fxgraph_cache_hit": inductor["fxgraph_cache_hit"],
+                      "fxgraph_cache_miss": inductor["fxgraph_cache_miss"]}))
 """)
 
 
@@ -45,8 +47,12 @@ def test_second_process_loads_the_cache_and_skips_most_of_the_compile(tmp_path):
 
     warm = run_child(cache_dir, tmp_path / "inductor-b")  # a new, empty inductor cache
     assert warm["cache"] == "hit" and warm["err"] < 1e-5
-    # Measured, not a speed claim: the warm first call must at least not cost more than the cold one.
-    assert warm["first_call_seconds"] < cold["first_call_seconds"], (cold, warm)
+    # What the cache skips is inductor's code generation: the cold process generated the graph's code,
+    # the warm one, with an empty inductor cache of its own, found it in diffboost's cache. (Timing is
+    # not asserted: on this tiny model both first calls are mostly fixed start-up cost.)
+    assert cold["fxgraph_cache_miss"] >= 1 and cold["fxgraph_cache_hit"] == 0, cold
+    assert warm["fxgraph_cache_hit"] >= 1 and warm["fxgraph_cache_miss"] == 0, warm
+    print(f"first call: cold {cold['first_call_seconds']:.2f} s, warm {warm['first_call_seconds']:.2f} s")
 
 
 def test_corrupt_entry_is_set_aside_and_rebuilt(tmp_path, caplog):
