@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -60,6 +61,10 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
     def __init__(self, settings: dict, dynamic: bool | None, fuse_qkv: bool, on_graph: Callable[[], None]):
         super().__init__(None, settings, dynamic)
         self._fuse_qkv = fuse_qkv
+        self.count_to(on_graph)
+
+    def count_to(self, on_graph: Callable[[], None]) -> None:
+        """Report the graphs compiled from now on to `on_graph` (the newest compile reusing this one)."""
         self._on_graph = on_graph
 
     # Compiled code is shared between torch.compile calls whose backends compare equal; each
@@ -86,6 +91,18 @@ def keep_transformer_options_unguarded(guard_entries) -> list[bool]:
     return [not any(f"['{key}']" in entry.name for key in VOLATILE_TRANSFORMER_OPTIONS) for entry in guard_entries]
 
 
+# For each module, per compile options, the dynamo context of its latest compile and its backend.
+# Compiling the same module with the same options again (Compile Model running anew after an upstream
+# LoRA change) goes through that context, which finds the graphs it already built: no tracing, no
+# compiling. Weak keys: an entry goes with its module; a context holds no reference to the module.
+_EARLIER_COMPILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _reusable(options: CompileOptions) -> bool:
+    # Frozen graphs hold the weights of their first call as constants: a new LoRA needs new graphs.
+    return not options.mode.freezing
+
+
 class InductorBackend(Backend):
     name = "inductor"
     summary = "torch.compile with inductor (built into PyTorch)"
@@ -103,8 +120,17 @@ class InductorBackend(Backend):
             kwargs["isolate_recompiles"] = True  # other compiles of the same class don't count against us
 
         def compile_one(m: torch.nn.Module):
-            return torch.compile(m, backend=backend, dynamic=options.dynamic_flag,
-                                 options={"guard_filter_fn": keep_transformer_options_unguarded}, **kwargs)
+            earlier = _EARLIER_COMPILES.get(m, {}).get(options) if _reusable(options) else None
+            if earlier is not None:
+                context, counting = earlier
+                counting.count_to(on_graph)
+                return context(m)
+            compiled = torch.compile(m, backend=backend, dynamic=options.dynamic_flag,
+                                     options={"guard_filter_fn": keep_transformer_options_unguarded}, **kwargs)
+            context = getattr(compiled, "dynamo_ctx", None)
+            if _reusable(options) and context is not None:
+                _EARLIER_COMPILES.setdefault(m, {})[options] = (context, backend)
+            return compiled
 
         if not options.mode.regional:
             return without_duck_sizing(compile_one(module))

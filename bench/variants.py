@@ -41,7 +41,8 @@ def names(default_only: bool = False) -> list[str]:
 def select(spec: str | None) -> list[Variant]:
     """The variants named in a comma-separated `spec` (all default ones when None), eager first so
     the others can be compared with it. `diffboost=MODE` and `diffboost-fp8=MODE` name Compile Model
-    (inductor) with any mode string, without or with Quantize FP8 before it; the latter also takes
+    (inductor) with any mode string, without or with Quantize FP8 before it. Both take Compile Model's
+    other inputs as `;dynamic=on`, `;memory_format=channels_last`, `;fuse_qkv=1`; the latter also
     `;min=M` (min_weights_millions) and `;skip=PATTERN` (one more ignore pattern, repeatable).
     Raises ValueError naming an unknown variant or a bad mode string."""
     wanted = names(default_only=True) if not spec else [s.strip() for s in spec.split(",") if s.strip()]
@@ -80,16 +81,19 @@ register(Variant("comfy-compile", "ComfyUI's TorchCompileModel (torch.compile, i
 
 # --- diffboost compile presets, one per available backend ---------------------------------------
 
-def _diffboost_compile(backend: str, mode: str):
+def _diffboost_compile(backend: str, mode: str, settings: dict | None = None):
+    settings = settings or {}
+
     def apply(base, bm):
         from ..backends import CompileOptions
         from ..nodes.patching import with_boost
 
-        return with_boost(base, compile_options=CompileOptions.from_user(backend, mode),
+        return with_boost(base, compile_options=CompileOptions.from_user(backend, mode, **settings),
                           compile_label=f"{bm.name} diffusion model (bench)")
 
     def graph(pb, model):
-        return pb.add("DiffBoostCompileModel", model=model, backend=backend, mode=mode, on_failure="fail")
+        return pb.add("DiffBoostCompileModel", model=model, backend=backend, mode=mode, on_failure="fail",
+                      **settings)
 
     return apply, graph
 
@@ -127,7 +131,8 @@ register(Variant("comfy-fp8", "ComfyUI's native FP8 (fp8_e4m3fn weights, fp8_opt
 
 # --- diffboost FP8: registered once diffboost.quant offers a quantizer ---------------------------
 
-def _diffboost_fp8(mode: str | None, min_weights_millions: float | None = None, skip: tuple[str, ...] = ()):
+def _diffboost_fp8(mode: str | None, min_weights_millions: float | None = None, skip: tuple[str, ...] = (),
+                   compile_settings: dict | None = None):
     def apply(base, bm):
         from ..backends import CompileOptions
         from ..nodes.patching import with_boost
@@ -139,11 +144,34 @@ def _diffboost_fp8(mode: str | None, min_weights_millions: float | None = None, 
         summary = choose_layers(base.get_model_object("diffusion_model"), config).summary()
         changes = {"quantizer": Fp8Quantizer(config), "quantization": summary}
         if mode is not None:
-            changes.update(compile_options=CompileOptions.from_user("inductor", mode),
+            changes.update(compile_options=CompileOptions.from_user("inductor", mode, **(compile_settings or {})),
                            compile_label=f"{bm.name} diffusion model (bench)")
         return with_boost(base, **changes)
 
     return apply
+
+
+# Compile Model's other inputs, as a variant names them: `dynamic=on`, `memory_format=channels_last`, `fuse_qkv=1`.
+COMPILE_SETTINGS = ("dynamic", "memory_format", "fuse_qkv")
+
+
+def _compile_settings(name: str, parts: list[str]) -> tuple[dict, list[str]]:
+    """(Compile Model inputs named in `parts`, the parts left over). Raises ValueError on a bad value."""
+    from ..backends.errors import ConfigError
+    from ..backends.options import CompileOptions
+
+    settings, rest = {}, []
+    for part in parts:
+        key, _, value = part.partition("=")
+        if key not in COMPILE_SETTINGS:
+            rest.append(part)
+            continue
+        settings[key] = value in ("1", "true", "on") if key == "fuse_qkv" else value
+    try:
+        CompileOptions.from_user("inductor", "O2", **settings)
+    except ConfigError as e:
+        raise ValueError(f"variant '{name}': {e}") from None
+    return settings, rest
 
 
 def _fp8_settings(name: str, parts: list[str]) -> tuple[float | None, tuple[str, ...]]:
@@ -159,7 +187,8 @@ def _fp8_settings(name: str, parts: list[str]) -> tuple[float | None, tuple[str,
         elif key == "skip" and value:
             skip.append(value)
         else:
-            raise ValueError(f"variant '{name}': '{part}' is neither min=MILLIONS nor skip=PATTERN")
+            raise ValueError(f"variant '{name}': '{part}' is none of min=MILLIONS, skip=PATTERN, "
+                             f"{', '.join(k + '=VALUE' for k in COMPILE_SETTINGS)}")
     return minimum, tuple(skip)
 
 
@@ -173,16 +202,19 @@ def _custom_mode_variant(name: str) -> Variant:
         parse_mode(mode)
     except ConfigError as e:
         raise ValueError(f"variant '{name}': {e}") from None
+    compile_settings, settings = _compile_settings(name, settings)
+    extra = "".join(f", {k} {v}" for k, v in compile_settings.items())
     if kind == "diffboost" and not settings:
-        apply, graph = _diffboost_compile("inductor", mode)
-        return Variant(name, f"diffboost Compile Model, backend inductor, mode {mode}", apply=apply, graph=graph,
-                       default=False)
+        apply, graph = _diffboost_compile("inductor", mode, compile_settings)
+        return Variant(name, f"diffboost Compile Model, backend inductor, mode {mode}{extra}", apply=apply,
+                       graph=graph, default=False)
     if kind == "diffboost-fp8":
         minimum, skip = _fp8_settings(name, settings)
-        return Variant(name, f"diffboost Quantize FP8 then Compile Model, mode {mode}",
-                       apply=_diffboost_fp8(mode, minimum, skip),
+        return Variant(name, f"diffboost Quantize FP8 then Compile Model, mode {mode}{extra}",
+                       apply=_diffboost_fp8(mode, minimum, skip, compile_settings),
                        unavailable=_fp8_unavailable, default=False)
-    raise ValueError(f"variant '{name}': only diffboost=MODE and diffboost-fp8=MODE[;min=M][;skip=PATTERN] take a mode")
+    raise ValueError(f"variant '{name}': only diffboost=MODE[;dynamic=on|off|auto][;memory_format=channels_last]"
+                     "[;fuse_qkv=1] and diffboost-fp8=MODE[;min=M][;skip=PATTERN][;...the same] take a mode")
 
 
 register(Variant("diffboost-fp8", "diffboost Quantize FP8 (W8A8 rowwise, default layers), not compiled",

@@ -9,6 +9,8 @@ real module names and other clones never see it. The shared module is never chan
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -17,10 +19,17 @@ import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
 from ..backends import CompileCache, CompiledModule, CompileOptions, compile_module
+from ..quant import fp8_layers, release
 
 WRAPPER_KEY = "diffboost"
 STATE_KEY = "diffboost"  # model_options entry holding the BoostState of this clone
 DENOISER = "diffusion_model"
+
+# The FP8 layers (by id of their tuple, the same for a quantized stand-in and its compiled wrapper)
+# that a model call is running right now, so that no FP8 weights are freed under it.
+# Reentrant: a garbage collection inside the count's own update may run release_unless_running.
+_RUNNING: Counter = Counter()
+_RUNNING_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,9 @@ def swap_in_while_applying(modules_by_key: dict, after: Callable[[], None] | Non
 
     def wrapper(executor, *args, **kwargs):
         originals = {}
+        running = [id(layers) for layers in map(fp8_layers, modules_by_key.values()) if layers]
+        with _RUNNING_LOCK:
+            _RUNNING.update(running)
         try:
             for key, module in modules_by_key.items():
                 originals[key] = comfy.utils.get_attr(executor.class_obj, key)
@@ -90,10 +102,23 @@ def swap_in_while_applying(modules_by_key: dict, after: Callable[[], None] | Non
         finally:
             for key, module in originals.items():
                 comfy.utils.set_attr(executor.class_obj, key, module)
+            with _RUNNING_LOCK:
+                _RUNNING.subtract(running)
+                for key in running:
+                    if _RUNNING.get(key, 0) <= 0:
+                        _RUNNING.pop(key, None)
             if after is not None:
                 after()
 
     return wrapper
+
+
+def release_unless_running(denoiser) -> None:
+    """Free the FP8 weights of `denoiser` (rebuilt at its next call), unless a call is using them now:
+    ComfyUI detaches every clone it deletes, and a clone may go while another one samples."""
+    with _RUNNING_LOCK:
+        if not _RUNNING[id(fp8_layers(denoiser))]:
+            release(denoiser)
 
 
 def report_fallback(compiled: CompiledModule, node_id: str | None) -> Callable[[], None]:

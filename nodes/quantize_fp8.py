@@ -25,9 +25,9 @@ from ..quant import (
     choose_layers,
 )
 from ..quant.device import choose_kernel
-from ..quant.standin import mark_stale, release
+from ..quant.standin import mark_stale
 from .errors import node_error
-from .patching import DENOISER, describe, state_of, with_boost
+from .patching import DENOISER, describe, release_unless_running, state_of, with_boost
 
 CALLBACK_KEY = "diffboost.fp8"
 KERNEL_WORDS = {"scaled_mm": "FP8 tensor cores (torch._scaled_mm)",
@@ -123,7 +123,8 @@ def _hooks_applied(patcher, hooks) -> None:
 
 
 def _model_detached(patcher, unpatch_all) -> None:
-    release(state_of(patcher).denoiser)  # the FP8 copies would otherwise stay on the GPU
+    # The FP8 copies would otherwise stay on the GPU: the stand-in outlives its clones, for reuse.
+    release_unless_running(state_of(patcher).denoiser)
 
 
 CALLBACKS = ((CallbacksMP.ON_LOAD, _weights_loaded), (CallbacksMP.ON_APPLY_HOOKS, _hooks_applied),

@@ -5,18 +5,19 @@ from .config import DEFAULT_IGNORE, DEFAULT_MIN_FEATURES, DEFAULT_MIN_WEIGHTS_MI
 from .device import Fp8Unavailable, choose_kernel, fp8_matmul_missing
 from .fp8 import Fp8Linear, dequantize, quantize, quantize_weight
 from .select import Selection, choose_layers
-from .standin import fp8_layers, mark_stale, quantized_standin, refresh, release
+from .standin import fp8_layers, mark_stale, quantized_standin, refresh, release, shared_standin
 
 
 class Fp8Quantizer:
     """The quantizer a BoostState holds: called with the original denoiser, returns its quantized
-    stand-in (never changing the original). Immutable and comparable, like the config it wraps."""
+    stand-in (never changing the original), the same one for the same denoiser and config.
+    Immutable and comparable, like the config it wraps."""
 
     def __init__(self, config: QuantConfig):
         self.config = config
 
     def __call__(self, original):
-        return quantized_standin(original, self.config)
+        return shared_standin(original, self.config)
 
     def __eq__(self, other):
         return isinstance(other, Fp8Quantizer) and other.config == self.config

@@ -8,6 +8,8 @@ Fp8Linears read their source layers' current weights, so weight patches made on 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..backends.standin import replace_submodules
@@ -16,6 +18,22 @@ from .fp8 import Fp8Linear
 from .select import Selection, choose_layers
 
 _QUANTIZED_CLASSES: dict[type, type] = {}
+
+# Per original model, the stand-in built for each config: quantizing the same model again (the
+# node running anew after an upstream LoRA change) gives the same stand-in, so that the graphs compiled
+# for it still apply. Weak keys: an entry goes with its model; a stand-in holds the original's layers
+# and parameter dictionaries, never the original module itself.
+_STANDINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_standin(root: torch.nn.Module, config: QuantConfig) -> torch.nn.Module:
+    """quantized_standin(root, config), built once per (root, config) and then handed out again."""
+    standin = _STANDINS.get(root, {}).get(config)
+    if standin is None:
+        standin = quantized_standin(root, config)
+        if standin is not root:  # an entry holding its own key would never go
+            _STANDINS.setdefault(root, {})[config] = standin
+    return standin
 
 
 def quantized_standin(root: torch.nn.Module, config: QuantConfig,

@@ -86,8 +86,27 @@ def test_custom_variants_take_a_mode_and_fp8_layer_settings():
     assert [v.name for v in chosen] == ["diffboost=O2:benchmark", "diffboost-fp8=O3;min=2;skip=*.txt_*;skip=txt_in"]
     assert variants._fp8_settings("v", ["min=2.5", "skip=*.txt_*", "skip=txt_in"]) == (2.5, ("*.txt_*", "txt_in"))
     for bad, message in (("diffboost-fp8=O3;min=lots", "min=lots is not a number"),
-                         ("diffboost-fp8=O3;fast", "'fast' is neither min=MILLIONS nor skip=PATTERN"),
-                         ("diffboost=O2;min=2", "only diffboost=MODE and diffboost-fp8=MODE"),
+                         ("diffboost-fp8=O3;fast", "'fast' is none of min=MILLIONS, skip=PATTERN, dynamic=VALUE"),
+                         ("diffboost=O2;min=2", r"only diffboost=MODE\[;dynamic"),
+                         ("diffboost=O2;dynamic=sometimes", "dynamic 'sometimes' is not one of auto, on, off"),
                          ("diffboost=warp-speed", "variant 'diffboost=warp-speed'")):
         with pytest.raises(ValueError, match=message):
             variants.select(bad)
+
+
+def test_custom_variants_take_compile_model_inputs():
+    """`diffboost=O3;dynamic=on` against `diffboost=O3` in one run is how dynamic and static compare."""
+    from argparse import Namespace
+
+    from diffboost.bench.remote import benchmark_prompt
+
+    name = "diffboost=O3;dynamic=on;memory_format=channels_last;fuse_qkv=1"
+    (variant,) = variants.select(name)
+    assert "dynamic on" in variant.summary and "memory_format channels_last" in variant.summary
+    args = Namespace(batch=1, seed=3, steps=4, sampler="euler", scheduler="simple", warmup=1, runs=2)
+    prompt, bench_id, _ = benchmark_prompt(variant, args, "model.safetensors", 512, 7.0)
+    node = prompt[prompt[bench_id]["inputs"]["model"][0]]
+    assert node["class_type"] == "DiffBoostCompileModel"
+    assert (node["inputs"]["mode"], node["inputs"]["dynamic"], node["inputs"]["memory_format"],
+            node["inputs"]["fuse_qkv"]) == ("O3", "on", "channels_last", True)
+    assert variants._compile_settings("v", ["dynamic=off", "min=2"]) == ({"dynamic": "off"}, ["min=2"])

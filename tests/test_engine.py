@@ -147,3 +147,48 @@ def test_runtime_switches_are_restored_even_on_error():
             assert cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
             raise ValueError
     assert (cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch._dynamo.config.recompile_limit) == before
+
+
+@pytest.mark.parametrize("mode", ["default", "regional"])
+def test_compiling_a_module_again_with_the_same_options_reuses_its_graphs(mode):
+    """What Compile Model running again (an upstream LoRA change) does: no graph is built twice, the
+    weights of the moment are used, and other options still compile their own graphs."""
+    import gc
+    import weakref
+
+    torch._dynamo.reset()
+    model, x = net(), torch.randn(2, 5, 32)
+    options = CompileOptions(mode=parse_mode(mode))
+    first = compile_module(model, options)
+    with torch.no_grad():
+        first(x)
+    assert first.stats.graphs_compiled > 0
+    del first
+    gc.collect()
+    with torch.no_grad():
+        model.head.weight.mul_(-1)  # a LoRA patched in place
+        again = compile_module(model, options)
+        assert torch.allclose(again(x), model(x), atol=1e-5)
+        assert again.stats.graphs_compiled == 0
+        other = compile_module(model, CompileOptions(mode=parse_mode(mode), dynamic="on"))
+        other(x)
+        assert other.stats.graphs_compiled > 0
+        # A new shape still compiles, and counts on the compile that runs it.
+        again(torch.randn(3, 7, 32))
+        assert again.stats.graphs_compiled > 0
+    ref = weakref.ref(model)
+    del model, again, other
+    gc.collect()
+    assert ref() is None, "reusing compiles kept the model alive"
+
+
+def test_frozen_compile_is_never_reused():
+    torch._dynamo.reset()
+    model, x = net(), torch.randn(2, 5, 32)
+    options = CompileOptions(mode=parse_mode("freezing"))
+    with torch.no_grad():
+        compile_module(model, options)(x)
+        model.head.weight.mul_(-1)
+        again = compile_module(model, options)
+        assert torch.allclose(again(x), model(x), atol=1e-5)
+        assert again.stats.graphs_compiled > 0

@@ -32,6 +32,42 @@ class KeepModel:
         return {}
 
 
+# One entry per sampling run of DropCloneMidCall: whether the FP8 weights were all there right after
+# another clone of the quantized model was deleted in the middle of a model call.
+WEIGHTS_AFTER_DROP: list[bool] = []
+
+
+class DropCloneMidCall:
+    """Test-only node: returns a clone of the model whose first attention call deletes another clone
+    (ComfyUI detaches a deleted clone, which frees its FP8 weights) while the model call is running."""
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = "_for_testing/diffboost"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def apply(self, model):
+        import gc
+
+        from diffboost.quant import fp8_layers
+
+        layers = fp8_layers(model.model_options["diffboost"].denoiser)
+        other = {"clone": model.clone()}
+
+        def attn1_patch(q, k, v, extra_options):
+            if other.pop("clone", None) is not None:  # the last reference: deleted here
+                gc.collect()
+                WEIGHTS_AFTER_DROP.append(all(layer.weight_fp8 is not None for layer in layers))
+            return q, k, v
+
+        m = model.clone()
+        m.set_model_attn1_patch(attn1_patch)
+        return (m,)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     # Tiny tensors: a second thread only waits for the CPU (ops took 8 ms instead of 20 us on 2 busy cores).
@@ -45,6 +81,8 @@ def one_thread():
 def host(comfy_host):
     comfy_host.nodes.NODE_CLASS_MAPPINGS["DiffBoostTestKeepModel"] = KeepModel
     comfy_host.test_nodes["DiffBoostTestKeepModel"] = KeepModel  # survives the harness re-owning the mapping
+    comfy_host.nodes.NODE_CLASS_MAPPINGS["DiffBoostTestDropCloneMidCall"] = DropCloneMidCall
+    comfy_host.test_nodes["DiffBoostTestDropCloneMidCall"] = DropCloneMidCall
     return comfy_host
 
 
@@ -181,3 +219,74 @@ def test_quantize_before_or_after_compile_model_gives_the_same_output(host):
     assert rel(after, eager) < 0.05, rel(after, eager)
     text = result.outputs["11"]["text"][0]
     assert "FP8: W8A8 rowwise, 24/36 Linear layers" in text and "compiled: inductor" in text
+
+
+def compile_default(host):
+    return lambda link: host.node("DiffBoostCompileModel", model=link, backend="inductor", mode="default",
+                                  on_failure="fail", compile_cache="off")
+
+
+def run_counting_graphs(host, prompt, fresh: bool = False) -> tuple[int, torch.Tensor]:
+    """(graphs dynamo captured while running `prompt`, the final latent)."""
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    host.run_prompt(prompt, fresh=fresh).check()
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"] - before, host.captured_latent().clone()
+
+
+def test_fp8_and_compile_rerun_by_an_upstream_lora_change_reuse_their_graphs(host):
+    """LoRA -> Quantize FP8 -> Compile Model: a new LoRA strength runs both nodes again on the same
+    diffusion model. They reuse the quantized stand-in and its graphs, which quantize the new weights."""
+    torch._dynamo.reset()
+
+    def prompt(strength, compiled=True):
+        insert = [quantize(host), compile_default(host)] if compiled else [quantize(host)]
+        return T.graph("sd15", host.models, insert=insert, lora=strength, cfg=1.0, decode=False)
+
+    first_graphs, at_1 = run_counting_graphs(host, prompt(1.0), fresh=True)
+    graphs, at_half = run_counting_graphs(host, prompt(0.5))
+    assert first_graphs > 0 and graphs == 0, (first_graphs, graphs)
+    assert rel(at_half, at_1) > 0.1, rel(at_half, at_1)  # the new strength is in the output
+    # A compile from scratch (a new process has nothing to reuse) gives the very same latent.
+    fresh_graphs, fresh_at_half = run_counting_graphs(host, prompt(0.5), fresh=True)
+    assert fresh_graphs > 0 and torch.equal(at_half, fresh_at_half)
+    eager_at_half, _ = sample(host, quantize(host), lora_strength=0.5)
+    assert rel(at_half, eager_at_half) < 0.05  # compiled FP8 against eager FP8, as above
+
+
+def test_fp8_weights_are_freed_when_comfyui_drops_the_quantized_model(host):
+    """The quantized stand-in is kept for reuse while its diffusion model lives; its FP8 weights are
+    not: when ComfyUI drops Quantize FP8's output, they go, and come back at the next quantized run."""
+    keep = {SINK: host.node("DiffBoostTestKeepModel", model=[T.NODE_IDS["loader"], 0])}  # holds the model
+
+    def prompt():
+        return {**T.graph("sd15", host.models, insert=[quantize(host)], cfg=1.0, decode=False), **keep}
+
+    host.run_prompt(prompt(), fresh=True).check()
+    first = host.captured_latent().clone()
+    root = KEPT_MODELS["model"].get_model_object("diffusion_model")
+    (standin,) = host.pack_module("quant.standin")._STANDINS[root].values()
+    layers = host.pack_module("quant").fp8_layers(standin)
+    assert len(layers) == 24 and all(layer.weight_fp8 is not None for layer in layers)
+
+    # A prompt that samples nothing: ComfyUI's cache drops the quantized model, keeps the loader's, and
+    # unloads nothing (so no detach callback runs).
+    loader = T.NODE_IDS["loader"]
+    host.run_prompt({loader: prompt()[loader], **keep}).check()
+    import gc
+
+    gc.collect()
+    assert KEPT_MODELS["model"].get_model_object("diffusion_model") is root
+    assert all(layer.weight_fp8 is None for layer in layers), "FP8 weights outlived the quantized model"
+    host.run_prompt(prompt()).check()
+    (again,) = host.pack_module("quant.standin")._STANDINS[root].values()
+    assert again is standin and all(layer.weight_fp8 is not None for layer in layers)
+    assert torch.equal(host.captured_latent(), first)
+
+
+def test_a_clone_deleted_during_a_model_call_leaves_the_fp8_weights_in_use(host):
+    """Clones share the quantized stand-in; one deleted while another runs must not free its FP8 weights."""
+    WEIGHTS_AFTER_DROP.clear()
+    plain, _ = sample(host, quantize(host))
+    dropped, _ = sample(host, [quantize(host), lambda link: host.node("DiffBoostTestDropCloneMidCall", model=link)])
+    assert WEIGHTS_AFTER_DROP == [True], WEIGHTS_AFTER_DROP
+    assert torch.equal(dropped, plain)

@@ -42,9 +42,9 @@ def attention(request) -> list[dict]:
     return [{"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}] if request.param == "sdpa" else []
 
 
-def compile_node(dynamic: str = "auto") -> dict:
+def compile_node(dynamic: str = "auto", mode: str = "O2") -> dict:
     return {"class_type": "DiffBoostCompileModel", "inputs": {
-        "backend": "inductor", "mode": "O2", "memory_format": "preserve", "dynamic": dynamic, "fuse_qkv": False,
+        "backend": "inductor", "mode": mode, "memory_format": "preserve", "dynamic": dynamic, "fuse_qkv": False,
         "on_failure": "fail", "compile_cache": "off"}}
 
 
@@ -92,8 +92,8 @@ def check_series(host, cases: dict, *, outputs_differ: bool = True, new_variants
     turn, the first on a fresh executor (it must compile), then checks that no later one captured a graph,
     that each output follows its change (outputs_differ) and matches eager. Labels in `new_variants` run
     other denoiser code and may compile once, no more graphs than the first compile. The compiled prompts
-    run back to back: ComfyUI's cache drops Compile Model's output when a prompt without it runs, and a
-    re-executed Compile Model compiles anew. Returns the compiled latents."""
+    run back to back: ComfyUI's cache drops Compile Model's output when a prompt without it runs, and so
+    the whole model: a model loaded again is compiled anew. Returns the compiled latents."""
     labels = list(cases)
     before = dynamo_graphs()
     latents = [first_compile(host, cases[labels[0]][0])]
@@ -205,6 +205,32 @@ def test_switching_lora_or_its_strength_does_not_recompile(comfy_host, tiny_mode
 
     settings = [(lora, 1.0), (lora, 0.5), (lora, 0.0), (second_lora, 1.0)]
     check_series(comfy_host, {f"{f} at {s}": (prompt(f, s, True), prompt(f, s, False)) for f, s in settings})
+
+
+def test_compile_model_rerun_by_an_upstream_lora_change_reuses_its_graphs(comfy_host, tiny_models, attention):
+    """LoRA before Compile Model, the usual order: a new strength runs Compile Model again (its input
+    changed) on the same diffusion model, and it finds the graphs its earlier run built."""
+    def prompt(strength, compiled):
+        insert = [*attention, compile_node()] if compiled else attention
+        return T.graph("sd15", tiny_models, insert=insert, lora=strength, decode=False)
+
+    check_series(comfy_host, {f"LoRA at {s}, then Compile Model": (prompt(s, True), prompt(s, False))
+                              for s in (1.0, 0.5, 0.0)})
+
+
+def test_frozen_compile_is_rebuilt_for_an_upstream_lora_change(comfy_host, tiny_models):
+    """With freezing the weights are constants of the graphs: a new LoRA needs new graphs, not the old ones."""
+    sdpa = [{"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}]
+
+    def prompt(strength, compiled):
+        insert = [*sdpa, compile_node(mode="O2:freezing")] if compiled else sdpa
+        return T.graph("sd15", tiny_models, insert=insert, lora=strength, decode=False)
+
+    first = first_compile(comfy_host, prompt(1.0, True))
+    graphs, second = sample_counting(comfy_host, prompt(0.0, True))
+    assert graphs > 0, "a frozen compile served a new LoRA strength without compiling again"
+    assert_changed(second, first, "LoRA 1.0 -> 0.0")
+    assert rel_err(second, sample(comfy_host, prompt(0.0, False))) < TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------- ControlNet
