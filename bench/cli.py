@@ -4,6 +4,7 @@
   diffboost-bench                                   # SDXL on a GPU, tiny SD1.5 on a CPU
   diffboost-bench --model flux --res 1024 --steps 20 --variants eager,comfy-compile,diffboost-O3
   diffboost-bench --model tiny-sd15 --steps 2 --runs 2 --json out.json --plot out.png
+  diffboost-bench --model sd3 --variants eager,diffboost-O3 --profile prof/   # where each step's time goes
   diffboost-bench --server http://127.0.0.1:8188 --ckpt sd_xl_base_1.0.safetensors
 
 Every figure comes from the Benchmark Sampler's measuring function (diffboost.nodes.benchmark_sampler)."""
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 import traceback
@@ -22,7 +24,7 @@ from ..measure.stats import format_bytes, format_table
 
 JSON_FIELDS = ("variant", "ok", "error", "it_per_s", "speedup_vs_eager", "run_s", "first_call_s", "peak_mem_bytes",
                "recompiles", "tflops", "fraction_of_peak", "rel_err_vs_eager", "cosine_vs_eager",
-               "one_call_rel_err_vs_eager", "one_call_cosine_vs_eager", "model_state")
+               "one_call_rel_err_vs_eager", "one_call_cosine_vs_eager", "model_state", "profile")
 # One denoiser call, compared on its own: one euler step from the middle of the schedule (denoise 0.5
 # of 2 steps) returns the model's denoised prediction there, CFG included.
 ONE_CALL_DENOISE = 0.5
@@ -53,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="weights dtype (random models)")
     p.add_argument("--json", default=None, metavar="PATH", help="write one record per variant")
     p.add_argument("--plot", default=None, metavar="PATH", help="draw a PNG chart")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after each variant's timed runs, one more run under torch.profiler: kernel time per "
+                        "step by kind (matmul, attention, fused, ...) and device idle time, printed and written "
+                        "to DIR/<variant>.md and the JSON")
     p.add_argument("--server", default=None, metavar="URL", help="run against a running ComfyUI through its HTTP API")
     p.add_argument("--timeout", type=float, default=3600, help="seconds to wait per variant with --server")
     return p.parse_args(argv)
@@ -62,6 +68,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.steps < 1 or args.runs < 1 or args.warmup < 0 or args.batch < 1:
         print("diffboost-bench: --steps, --runs and --batch must be 1 or more, --warmup 0 or more", file=sys.stderr)
+        return 2
+    if args.server and args.profile:
+        print("diffboost-bench: --profile runs the model in this process; it does not work with --server",
+              file=sys.stderr)
         return 2
     from . import variants as registry
 
@@ -168,6 +178,8 @@ def run_in_process(args, chosen) -> tuple[list[dict], str]:
                                       latent, ONE_CALL_DENOISE, 0, 1, where=f"diffboost-bench variant {variant.name}")
             row["one_call"] = one["samples"].detach().float().cpu()
             row["ok"] = True
+            if args.profile:
+                row["profile"] = _profile_variant(args, variant.name, model, bm, latent, device)
         except Exception as e:  # one variant's failure (e.g. a compile error) is its row, not the end
             row["error"] = f"{type(e).__name__}: {e}"[:500]
             tqdm.write(f"{variant.name} failed:\n{traceback.format_exc(limit=3)}")
@@ -178,6 +190,29 @@ def run_in_process(args, chosen) -> tuple[list[dict], str]:
             add_comparisons(rows)
             write_json(args.json, header, rows)
     return rows, header
+
+
+def _profile_variant(args, name: str, model, bm, latent, device) -> dict:
+    """One more sampling run of the variant under torch.profiler; prints and writes where its time went."""
+    from pathlib import Path
+
+    from ..measure.profile import profile_run
+    from ..nodes.benchmark_sampler import measure_sampling
+
+    def run():
+        measure_sampling(model, args.seed, args.steps, bm.cfg, args.sampler, args.scheduler, bm.positive,
+                         bm.negative, latent, 1.0, 0, 1, where=f"diffboost-bench variant {name} (profiled)")
+
+    profile = profile_run(run, args.steps, device)
+    folder = Path(args.profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = f"## {name}: one run of {args.steps} steps under torch.profiler ({device})\n\n{profile.table()}\n"
+    text += "\n| kernel | kind | ms per step | calls per step |\n|---|---|---|---|\n"
+    text += "".join(f"| `{n[:90]}` | {c} | {ms:.3f} | {calls:.1f} |\n" for n, c, ms, calls in profile.top)
+    path = folder / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".md")
+    path.write_text(text)
+    print(f"\n{text}wrote {path}", flush=True)
+    return profile.as_dict()
 
 
 def _release(host) -> None:

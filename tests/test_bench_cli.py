@@ -25,9 +25,9 @@ def _comfy_or_skip():
 
 def test_cli_compares_the_default_variants_on_cpu(tmp_path):
     _comfy_or_skip()
-    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    out_json, out_png, profiles = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "profiles"
     cmd = [sys.executable, "-m", "diffboost.bench", "--model", "tiny-sd15", "--steps", "2", "--runs", "2",
-           "--res", "64", "--json", str(out_json), "--plot", str(out_png)]
+           "--res", "64", "--json", str(out_json), "--plot", str(out_png), "--profile", str(profiles)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU path, also on a machine with a GPU
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,6 +43,11 @@ def test_cli_compares_the_default_variants_on_cpu(tmp_path):
             assert r["cosine_vs_eager"] > 0.99
             assert r["one_call_rel_err_vs_eager"] is not None and r["one_call_rel_err_vs_eager"] < 0.05, r
             assert r["one_call_cosine_vs_eager"] > 0.99
+            # The profiled run: 2 steps, the UNet's convolutions and matmuls in it, a summary file.
+            p = r["profile"]
+            assert p["steps"] == 2 and p["kernels_per_step"]["convolution"] > 0 and p["kernels_per_step"]["matmul"] > 0
+            assert 0 < p["busy_ms_per_step"] <= p["wall_ms_per_step"]
+            assert "| convolution |" in (profiles / f"{r['variant']}.md").read_text()
         else:  # only variants that cannot run here (FP8 without an FP8 GPU) may be missing, and say why
             assert r["error"].startswith("skipped: "), r
     eager = records[0]
@@ -64,6 +69,9 @@ def test_bad_counts_are_refused_before_anything_runs():
     proc = subprocess.run([sys.executable, "-m", "diffboost.bench", "--runs", "0"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "--runs" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "diffboost.bench", "--server", "http://127.0.0.1:1", "--profile", "p"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--profile runs the model in this process" in proc.stderr
 
 
 def test_server_prompts_put_the_variant_between_checkpoint_and_benchmark_sampler():
