@@ -17,8 +17,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import inspect
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -91,11 +92,22 @@ def keep_transformer_options_unguarded(guard_entries) -> list[bool]:
     return [not any(f"['{key}']" in entry.name for key in VOLATILE_TRANSFORMER_OPTIONS) for entry in guard_entries]
 
 
-# For each module, per compile options, the dynamo context of its latest compile and its backend.
-# Compiling the same module with the same options again (Compile Model running anew after an upstream
-# LoRA change) goes through that context, which finds the graphs it already built: no tracing, no
-# compiling. Weak keys: an entry goes with its module; a context holds no reference to the module.
-_EARLIER_COMPILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Per (module class, parameter layout, compile options): the dynamo context of the latest compile and
+# its backend. Compiling such a module again (Compile Model running anew after an upstream change, the
+# same checkpoint loaded again, each instance of a repeated block) goes through that context, where
+# dynamo finds the graphs already built; their guards check that they apply to this module (its
+# parameters are graph inputs), and only what they do not cover is compiled. A context holds no module;
+# its graphs stay until torch._dynamo.reset(), as torch keeps every compile's graphs anyway.
+_EARLIER_COMPILES: dict[tuple, tuple] = {}
+
+
+def layout_key(module: torch.nn.Module, options: CompileOptions) -> tuple:
+    """What decides whether an earlier compile's graphs may serve `module`: its class, its parameters'
+    names, shapes and dtypes, and the options that change the graphs (on_failure does not)."""
+    layout = hashlib.sha256()
+    for name, p in module.named_parameters():
+        layout.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    return type(module), layout.hexdigest(), dataclasses.replace(options, on_failure="")
 
 
 def _reusable(options: CompileOptions) -> bool:
@@ -120,7 +132,8 @@ class InductorBackend(Backend):
             kwargs["isolate_recompiles"] = True  # other compiles of the same class don't count against us
 
         def compile_one(m: torch.nn.Module):
-            earlier = _EARLIER_COMPILES.get(m, {}).get(options) if _reusable(options) else None
+            key = layout_key(m, options) if _reusable(options) else None
+            earlier = _EARLIER_COMPILES.get(key)
             if earlier is not None:
                 context, counting = earlier
                 counting.count_to(on_graph)
@@ -128,13 +141,13 @@ class InductorBackend(Backend):
             compiled = torch.compile(m, backend=backend, dynamic=options.dynamic_flag,
                                      options={"guard_filter_fn": keep_transformer_options_unguarded}, **kwargs)
             context = getattr(compiled, "dynamo_ctx", None)
-            if _reusable(options) and context is not None:
-                _EARLIER_COMPILES.setdefault(m, {})[options] = (context, backend)
+            if key is not None and context is not None:
+                _EARLIER_COMPILES[key] = (context, backend)
             return compiled
 
         if not options.mode.regional:
             return without_duck_sizing(compile_one(module))
-        # One compiled graph per block shape serves every instance: params are graph inputs.
+        # One compile per block class and layout serves every instance: params are graph inputs.
         blocks = repeated_blocks(module)
         return without_duck_sizing(replace_submodules(
             module, lambda name, m: twin_calling(m, compile_one(m)) if type(m) in blocks else None))

@@ -192,3 +192,37 @@ def test_frozen_compile_is_never_reused():
         again = compile_module(model, options)
         assert torch.allclose(again(x), model(x), atol=1e-5)
         assert again.stats.graphs_compiled > 0
+
+
+def test_a_model_loaded_again_reuses_the_graphs_of_an_earlier_one_of_its_layout():
+    """The same checkpoint loaded again (a new module, the same class and layout): no new graph, its own
+    weights. Another layout compiles its own."""
+    import gc
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        first = compile_module(net(), CompileOptions())
+        first(x)
+        assert first.stats.graphs_compiled > 0
+        del first
+        gc.collect()
+        reloaded = net()
+        reloaded.head.weight.add_(1.0)  # other weights, as another checkpoint of the same model
+        again = compile_module(reloaded, CompileOptions())
+        assert torch.allclose(again(x), reloaded(x), atol=1e-5)
+        assert again.stats.graphs_compiled == 0
+        wider = Net()
+        wider.head = torch.nn.Linear(32, 16)
+        other = compile_module(wider, CompileOptions())
+        assert torch.allclose(other(x), wider(x), atol=1e-5)
+        assert other.stats.graphs_compiled > 0
+
+
+def test_regional_compile_traces_each_repeated_block_once():
+    torch._dynamo.reset()
+    model, x = net(), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        compiled = compile_module(model, CompileOptions(mode=parse_mode("regional")))
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)
+    assert compiled.stats.graphs_compiled == 1  # three Attention blocks, one graph

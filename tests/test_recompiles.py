@@ -144,6 +144,20 @@ def test_benchmark_sampler_reports_no_recompile_at_a_new_resolution(comfy_host, 
     assert comfy_host.captured_latent().shape == (1, 4, 19, 13)
 
 
+# ------------------------------------------------------------------------------ model loaded again
+
+def test_the_same_checkpoint_loaded_again_compiles_nothing(comfy_host, tiny_models, attention):
+    """ComfyUI drops a model when a prompt without it runs or its cache is cleared; loading the checkpoint
+    again builds a new diffusion model of the same layout, which the graphs already built serve."""
+    prompt = T.graph("sd15", tiny_models, insert=[*attention, compile_node()], decode=False)
+    first = first_compile(comfy_host, prompt)
+    before = dynamo_graphs()
+    result = comfy_host.run_prompt(prompt, fresh=True).check()  # a new executor: nothing cached
+    assert T.NODE_IDS["loader"] in result.executed_nodes, "the checkpoint was not loaded again"
+    assert dynamo_graphs() == before, f"{dynamo_graphs() - before} graphs compiled for the same model loaded again"
+    assert torch.equal(comfy_host.captured_latent(), first)
+
+
 # ----------------------------------------------------------------------------------- steps and cfg
 
 def test_steps_and_cfg_change_does_not_recompile(comfy_host, tiny_models, attention):
