@@ -310,8 +310,14 @@ CYCLES = 6
 RSS_GROWTH_BOUND_MB = 150  # a freed-but-held tiny SD1.5 with its graphs added ~100 MB per cycle before the fix
 
 
+# Other compile options in each pair of cycles: a model loaded again with the same options reuses its
+# graphs (compiles nothing), which would leave the freeing of compiled graphs untested.
+CYCLE_OPTIONS = [{"fuse_qkv": False}, {"fuse_qkv": True}, {"memory_format": "channels_last"}]
+
+
 def load_compile_sample_free(host, arch: str, cycle: int, compiled_module: type) -> tuple:
-    prompt = T.graph(arch, host.models, insert=compile_model(host, mode="default"), decode=False, seed=cycle)
+    insert = compile_model(host, mode="default", **CYCLE_OPTIONS[cycle // 2 % len(CYCLE_OPTIONS)])
+    prompt = T.graph(arch, host.models, insert=insert, decode=False, seed=cycle)
     started = time.perf_counter()
     host.run_prompt(prompt, fresh=True).check()  # load -> compile -> sample
     seconds = time.perf_counter() - started
