@@ -20,7 +20,8 @@ class CompileModel(io.ComfyNode):
             display_name="Compile Model (diffboost)",
             category="diffboost",
             description="Compile the diffusion model (UNet or DiT) so each sampling step runs faster. "
-                        "The first sampling run compiles (seconds to minutes); later runs reuse it.",
+                        "The first sampling run compiles (seconds to minutes); later runs reuse it, and so do "
+                        "this model loaded again and other models of the same architecture in this ComfyUI.",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("backend", options=registry.names(), default="inductor",
