@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after each variant's timed runs, one more run under torch.profiler: kernel time per "
                         "step by kind (matmul, attention, fused, ...) and device idle time, printed and written "
-                        "to DIR/<variant>.md and the JSON")
+                        "to DIR/<variant>.md and the JSON; the timeline to DIR/<variant>.trace.json.gz")
     p.add_argument("--server", default=None, metavar="URL", help="run against a running ComfyUI through its HTTP API")
     p.add_argument("--timeout", type=float, default=3600, help="seconds to wait per variant with --server")
     return p.parse_args(argv)
@@ -203,13 +203,14 @@ def _profile_variant(args, name: str, model, bm, latent, device) -> dict:
         measure_sampling(model, args.seed, args.steps, bm.cfg, args.sampler, args.scheduler, bm.positive,
                          bm.negative, latent, 1.0, 0, 1, where=f"diffboost-bench variant {name} (profiled)")
 
-    profile = profile_run(run, args.steps, device)
     folder = Path(args.profile)
     folder.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    profile = profile_run(run, args.steps, device, trace_path=str(folder / f"{stem}.trace.json.gz"))
     text = f"## {name}: one run of {args.steps} steps under torch.profiler ({device})\n\n{profile.table()}\n"
     text += "\n| kernel | kind | ms per step | calls per step |\n|---|---|---|---|\n"
     text += "".join(f"| `{n[:90]}` | {c} | {ms:.3f} | {calls:.1f} |\n" for n, c, ms, calls in profile.top)
-    path = folder / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".md")
+    path = folder / f"{stem}.md"
     path.write_text(text)
     print(f"\n{text}wrote {path}", flush=True)
     return profile.as_dict()

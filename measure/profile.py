@@ -77,8 +77,11 @@ class StepProfile:
         return "\n".join(lines)
 
 
-def profile_run(run: Callable[[], object], steps: int, device: torch.device | str) -> StepProfile:
-    """Run `run()` (a sampling run of `steps` steps) once under torch.profiler and summarise it."""
+def profile_run(run: Callable[[], object], steps: int, device: torch.device | str,
+                trace_path: str | None = None) -> StepProfile:
+    """Run `run()` (a sampling run of `steps` steps) once under torch.profiler and summarise it;
+    with `trace_path` (ending .json or .json.gz) also write the whole timeline for chrome://tracing
+    or Perfetto."""
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(device)
@@ -90,6 +93,8 @@ def profile_run(run: Callable[[], object], steps: int, device: torch.device | st
         run()
         _sync(device)
         wall_us = (time.perf_counter() - start) * 1e6
+    if trace_path:
+        prof.export_chrome_trace(trace_path)  # torch gzips it when the name ends in .gz
     events = _device_events(prof.events(), on_gpu)
     summary = summarise(events, wall_us, steps, str(device))
     if on_gpu and not events:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -48,6 +49,8 @@ def test_cli_compares_the_default_variants_on_cpu(tmp_path):
             assert p["steps"] == 2 and p["kernels_per_step"]["convolution"] > 0 and p["kernels_per_step"]["matmul"] > 0
             assert 0 < p["busy_ms_per_step"] <= p["wall_ms_per_step"]
             assert "| convolution |" in (profiles / f"{r['variant']}.md").read_text()
+            with gzip.open(profiles / f"{r['variant']}.trace.json.gz") as trace:  # the timeline, for Perfetto
+                assert any(e.get("name") == "aten::mm" for e in json.load(trace)["traceEvents"])
         else:  # only variants that cannot run here (FP8 without an FP8 GPU) may be missing, and say why
             assert r["error"].startswith("skipped: "), r
     eager = records[0]
