@@ -43,6 +43,20 @@ def test_compiled_model_matches_eager(comfy_host, tiny_models, arch):
     assert text.startswith("compiled: inductor (mode=O2)")
 
 
+def test_regional_compile_of_a_dit_matches_eager(comfy_host, tiny_models):
+    """`regional`: only the repeated blocks are compiled (the tiny SD3's two joint blocks, the last one
+    of another layout), the rest of the model runs as it is."""
+    sdpa = {"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}  # as on a GPU: one graph per block
+    _, eager = sample(comfy_host, T.graph("sd3", tiny_models, insert=[sdpa], decode=False))
+    torch._dynamo.reset()  # no graphs of an earlier test to reuse
+    before = unique_graphs()
+    result, compiled = sample(comfy_host, T.graph("sd3", tiny_models, insert=[sdpa, compile_node(mode="O2:regional")],
+                                                  decode=False))
+    assert rel_err(compiled, eager) < TOLERANCE
+    assert unique_graphs() - before == 2
+    assert "mode=O2:regional" in result.outputs[str(T.FIRST_INSERTED_ID + 1)]["text"][0]
+
+
 def test_lora_after_compile_changes_the_output_as_without_compilation(comfy_host, tiny_models):
     lora = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": tiny_models.filename("sd15_lora"),
                                                             "strength_model": 1.0}}
