@@ -291,3 +291,14 @@ def test_a_clone_deleted_during_a_model_call_leaves_the_fp8_weights_in_use(host)
     dropped, _ = sample(host, [quantize(host), lambda link: host.node("DiffBoostTestDropCloneMidCall", model=link)])
     assert WEIGHTS_AFTER_DROP == [True], WEIGHTS_AFTER_DROP
     assert torch.equal(dropped, plain)
+
+
+def test_fp8_model_loaded_again_compiles_nothing(host):
+    """A new diffusion model of the same layout (the checkpoint loaded again) gets a new quantized stand-in,
+    of the same class and layout: the graphs compiled for the first one serve it."""
+    torch._dynamo.reset()
+    prompt = T.graph("sd15", host.models, insert=[quantize(host), compile_default(host)], cfg=1.0, decode=False)
+    first_graphs, first = run_counting_graphs(host, prompt, fresh=True)
+    graphs, again = run_counting_graphs(host, prompt, fresh=True)  # a new executor loads the checkpoint anew
+    assert first_graphs > 0 and graphs == 0, (first_graphs, graphs)
+    assert torch.equal(again, first)
