@@ -39,11 +39,11 @@ def replace_submodules(root: torch.nn.Module,
 
 
 def repeated_blocks(root: torch.nn.Module, min_count: int = 2) -> set[type]:
-    """Module classes that hold parameters and occur at least `min_count` times, outermost first:
+    """Module classes that hold weights and occur at least `min_count` times, outermost first:
     the transformer and residual blocks a diffusion model is built from."""
     counts: dict[type, int] = {}
     for module in root.modules():
-        if module is not root and module._modules and any(True for _ in module.parameters(recurse=True)):
+        if module is not root and module._modules and _holds_weights(module):
             counts[type(module)] = counts.get(type(module), 0) + 1
     containers = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
     repeated = {cls for cls, n in counts.items() if n >= min_count and not issubclass(cls, containers)}
@@ -55,6 +55,12 @@ def repeated_blocks(root: torch.nn.Module, min_count: int = 2) -> set[type]:
                 if sub is not module and type(sub) in repeated:
                     inner.add(type(sub))
     return repeated - inner
+
+
+def _holds_weights(module: torch.nn.Module) -> bool:
+    # Registered buffer names count even while empty: a quantized stand-in's FP8 layers hold no
+    # parameters and fill their weight buffers only at the first call.
+    return any(m._parameters or m._buffers for m in module.modules())
 
 
 _TWIN_CLASSES: dict[type, type] = {}

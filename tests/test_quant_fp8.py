@@ -370,3 +370,33 @@ def test_compiled_standin_matches_eager_and_follows_a_weight_patch_without_recom
     assert rel_error(compiled(x, t), model(x, t)) < 0.1
     # The refresh is kept out of the graph (one break at the start); a changed weight costs no recompile.
     assert counter.frame_count == 1, counter.frame_count
+
+
+def test_regional_compile_of_a_quantized_model_compiles_its_blocks():
+    """A block whose Linear layers are all FP8 holds no parameter of its own (the FP8 layers fill their
+    buffers at the first call); `regional` must still see it as a block, not silently compile nothing."""
+    from diffboost.backends import CompileOptions, compile_module, parse_mode
+    from diffboost.quant import Fp8Quantizer
+
+    torch.manual_seed(0)
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+    blocks = torch.nn.Sequential(*[Block() for _ in range(3)])
+    config = QuantConfig.from_user("rowwise", min_features=16, keep_first_last=False, ignore="",
+                                   allow_reference_path=True, min_weights_millions=0.0)
+    quantized = Fp8Quantizer(config)(blocks)
+    assert len(fp8_layers(quantized)) == 6
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        eager = quantized(x)
+        torch._dynamo.reset()
+        compiled = compile_module(quantized, CompileOptions(mode=parse_mode("regional")))
+        out = compiled(x)
+    assert compiled.stats.graphs_compiled == 1  # three blocks of one layout
+    assert rel_error(out, eager) < 1e-2
