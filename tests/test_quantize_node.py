@@ -83,7 +83,10 @@ def host(comfy_host):
     comfy_host.test_nodes["DiffBoostTestKeepModel"] = KeepModel  # survives the harness re-owning the mapping
     comfy_host.nodes.NODE_CLASS_MAPPINGS["DiffBoostTestDropCloneMidCall"] = DropCloneMidCall
     comfy_host.test_nodes["DiffBoostTestDropCloneMidCall"] = DropCloneMidCall
-    return comfy_host
+    yield comfy_host
+    # A model still kept at interpreter exit is deleted after ComfyUI's modules are torn down, where
+    # its detach fails noisily.
+    KEPT_MODELS.clear()
 
 
 def quantize(host, **inputs):
