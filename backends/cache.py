@@ -37,11 +37,16 @@ def device_name(module: torch.nn.Module) -> str:
     return platform.processor() or platform.machine()
 
 
+def parameter_layout(module: torch.nn.Module) -> str:
+    """A digest of `module`'s parameter names, shapes and dtypes (not their values)."""
+    layout = hashlib.sha256()
+    for name, p in module.named_parameters():
+        layout.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    return layout.hexdigest()
+
+
 def cache_key(module: torch.nn.Module, options: CompileOptions, device: str) -> str:
     """A stable name for what compiling `module` with `options` on `device` produces."""
-    shapes = hashlib.sha256()
-    for name, p in module.named_parameters():
-        shapes.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
     try:
         import triton
 
@@ -50,7 +55,7 @@ def cache_key(module: torch.nn.Module, options: CompileOptions, device: str) -> 
         triton_version = "none"
     parts = {
         "model": f"{type(module).__module__}.{type(module).__qualname__}",
-        "parameters": shapes.hexdigest(),
+        "parameters": parameter_layout(module),
         "options": repr(options),
         "torch": torch.__version__,
         "triton": triton_version,

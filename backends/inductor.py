@@ -18,13 +18,13 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 from collections.abc import Callable
 
 import torch
 
 from .base import Backend
+from .cache import parameter_layout
 from .fuse import fuse_parallel_linears
 from .modes import CompileMode
 from .options import CompileOptions
@@ -104,10 +104,7 @@ _EARLIER_COMPILES: dict[tuple, tuple] = {}
 def layout_key(module: torch.nn.Module, options: CompileOptions) -> tuple:
     """What decides whether an earlier compile's graphs may serve `module`: its class, its parameters'
     names, shapes and dtypes, and the options that change the graphs (on_failure does not)."""
-    layout = hashlib.sha256()
-    for name, p in module.named_parameters():
-        layout.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-    return type(module), layout.hexdigest(), dataclasses.replace(options, on_failure="")
+    return type(module), parameter_layout(module), dataclasses.replace(options, on_failure="")
 
 
 def _reusable(options: CompileOptions) -> bool:

@@ -150,17 +150,12 @@ def _is_compute(name: str) -> bool:
 
 
 def _merged_length(intervals: list[tuple[float, float]]) -> float:
-    total, end_so_far = 0.0, None
-    start_so_far = 0.0
+    """Total length covered by the intervals, overlaps counted once."""
+    total, covered_to = 0.0, float("-inf")
     for start, end in sorted(intervals):
-        if end_so_far is None or start > end_so_far:
-            if end_so_far is not None:
-                total += end_so_far - start_so_far
-            start_so_far, end_so_far = start, end
-        else:
-            end_so_far = max(end_so_far, end)
-    if end_so_far is not None:
-        total += end_so_far - start_so_far
+        if end > covered_to:
+            total += end - max(start, covered_to)
+            covered_to = end
     return total
 
 

@@ -89,9 +89,10 @@ def swap_in_while_applying(modules_by_key: dict, after: Callable[[], None] | Non
     """An APPLY_MODEL wrapper that puts `modules_by_key` (attribute path -> module) in place for
     the call and restores the originals afterwards, also when the call raises; then calls `after`."""
 
+    running = [id(layers) for layers in map(fp8_layers, modules_by_key.values()) if layers]
+
     def wrapper(executor, *args, **kwargs):
         originals = {}
-        running = [id(layers) for layers in map(fp8_layers, modules_by_key.values()) if layers]
         with _RUNNING_LOCK:
             _RUNNING.update(running)
         try:
@@ -103,10 +104,10 @@ def swap_in_while_applying(modules_by_key: dict, after: Callable[[], None] | Non
             for key, module in originals.items():
                 comfy.utils.set_attr(executor.class_obj, key, module)
             with _RUNNING_LOCK:
-                _RUNNING.subtract(running)
                 for key in running:
-                    if _RUNNING.get(key, 0) <= 0:
-                        _RUNNING.pop(key, None)
+                    _RUNNING[key] -= 1
+                    if _RUNNING[key] <= 0:
+                        del _RUNNING[key]
             if after is not None:
                 after()
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 from helpers import tiny_models as T
 
+from diffboost.measure.runner import dynamo_graph_count
+
 # Two euler steps of a compiled fp32 model against eager on the CPU: fused kernels reorder float
 # arithmetic, so results differ by rounding only.
 TOLERANCE = 1e-3
@@ -21,10 +23,6 @@ def compile_node(**inputs):
 
 def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def unique_graphs():
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def sample(host, prompt, key="latent"):
@@ -49,11 +47,11 @@ def test_regional_compile_of_a_dit_matches_eager(comfy_host, tiny_models):
     sdpa = {"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}  # as on a GPU: one graph per block
     _, eager = sample(comfy_host, T.graph("sd3", tiny_models, insert=[sdpa], decode=False))
     torch._dynamo.reset()  # no graphs of an earlier test to reuse
-    before = unique_graphs()
+    before = dynamo_graph_count()
     result, compiled = sample(comfy_host, T.graph("sd3", tiny_models, insert=[sdpa, compile_node(mode="O2:regional")],
                                                   decode=False))
     assert rel_err(compiled, eager) < TOLERANCE
-    assert unique_graphs() - before == 2
+    assert dynamo_graph_count() - before == 2
     assert "mode=O2:regional" in result.outputs[str(T.FIRST_INSERTED_ID + 1)]["text"][0]
 
 
@@ -75,10 +73,10 @@ def test_input_model_is_unchanged_and_second_run_does_not_recompile(comfy_host, 
     _, before = sample(comfy_host, eager_graph)
     # Compile Model on the very ModelPatcher the loader node has cached, then sample twice more.
     _, compiled = sample(comfy_host, T.graph("sd15", tiny_models, insert=compile_node(), decode=False, seed=3))
-    graphs = unique_graphs()
+    graphs = dynamo_graph_count()
     result, _ = sample(comfy_host, T.graph("sd15", tiny_models, insert=compile_node(), decode=False, seed=4))
     assert str(T.FIRST_INSERTED_ID) in result.cached_nodes  # the compiled MODEL was reused ...
-    assert unique_graphs() == graphs  # ... and so was its compiled graph: no recompilation
+    assert dynamo_graph_count() == graphs  # ... and so was its compiled graph: no recompilation
     # The eager graph again: the sampler runs anew on the same cached loader output.
     result, after = sample(comfy_host, eager_graph)
     assert T.NODE_IDS["sampler"] in result.executed_nodes and T.NODE_IDS["loader"] in result.cached_nodes

@@ -10,6 +10,8 @@ import pytest
 import torch
 from helpers import tiny_models as T
 
+from diffboost.measure.runner import dynamo_graph_count
+
 MIN_FEATURES = 256  # the tiny SD1.5's attention and feed-forward layers have 320 features on one side
 QUANT, SINK = "10", "30"  # the first inserted node's id (tiny_models.FIRST_INSERTED_ID); the model sink
 KEPT_MODELS: dict[str, object] = {}
@@ -231,9 +233,9 @@ def compile_default(host):
 
 def run_counting_graphs(host, prompt, fresh: bool = False) -> tuple[int, torch.Tensor]:
     """(graphs dynamo captured while running `prompt`, the final latent)."""
-    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    before = dynamo_graph_count()
     host.run_prompt(prompt, fresh=fresh).check()
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"] - before, host.captured_latent().clone()
+    return dynamo_graph_count() - before, host.captured_latent().clone()
 
 
 def test_fp8_and_compile_rerun_by_an_upstream_lora_change_reuse_their_graphs(host):
