@@ -42,7 +42,8 @@ def select(spec: str | None) -> list[Variant]:
     """The variants named in a comma-separated `spec` (all default ones when None), eager first so
     the others can be compared with it. `diffboost=MODE` and `diffboost-fp8=MODE` name Compile Model
     (inductor) with any mode string, without or with Quantize FP8 before it. Both take Compile Model's
-    other inputs as `;dynamic=on`, `;memory_format=channels_last`, `;fuse_qkv=1`; the latter also
+    other inputs as `;dynamic=on`, `;memory_format=channels_last`, `;fuse_qkv=1`; the former also
+    `;conds=per-step` (ComfyUI's per-step conditioning copies left in place, for comparison), the latter also
     `;min=M` (min_weights_millions) and `;skip=PATTERN` (one more ignore pattern, repeatable).
     Raises ValueError naming an unknown variant or a bad mode string."""
     wanted = names(default_only=True) if not spec else [s.strip() for s in spec.split(",") if s.strip()]
@@ -192,6 +193,21 @@ def _fp8_settings(name: str, parts: list[str]) -> tuple[float | None, tuple[str,
     return minimum, tuple(skip)
 
 
+def _conditioning_per_step(apply):
+    """`apply`, with ComfyUI's per-step conditioning copies left in place (the A/B of what
+    diffboost's conditioning_on_device buys)."""
+    def without_move(base, bm):
+        from comfy.patcher_extension import WrappersMP
+
+        from ..nodes.patching import WRAPPER_KEY
+
+        m = apply(base, bm)
+        m.remove_wrappers_with_key(WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY)
+        return m
+
+    return without_move
+
+
 def _custom_mode_variant(name: str) -> Variant:
     from ..backends.errors import ConfigError
     from ..backends.modes import parse_mode
@@ -204,8 +220,13 @@ def _custom_mode_variant(name: str) -> Variant:
         raise ValueError(f"variant '{name}': {e}") from None
     compile_settings, settings = _compile_settings(name, settings)
     extra = "".join(f", {k} {v}" for k, v in compile_settings.items())
+    per_step = "conds=per-step" in settings
+    settings = [s for s in settings if s != "conds=per-step"]
     if kind == "diffboost" and not settings:
         apply, graph = _diffboost_compile("inductor", mode, compile_settings)
+        if per_step:
+            return Variant(name, f"diffboost Compile Model, mode {mode}{extra}, conditioning copied at every step "
+                                 "as ComfyUI does", apply=_conditioning_per_step(apply), default=False)
         return Variant(name, f"diffboost Compile Model, backend inductor, mode {mode}{extra}", apply=apply,
                        graph=graph, default=False)
     if kind == "diffboost-fp8":
@@ -214,7 +235,8 @@ def _custom_mode_variant(name: str) -> Variant:
                        apply=_diffboost_fp8(mode, minimum, skip, compile_settings),
                        unavailable=_fp8_unavailable, default=False)
     raise ValueError(f"variant '{name}': only diffboost=MODE[;dynamic=on|off|auto][;memory_format=channels_last]"
-                     "[;fuse_qkv=1] and diffboost-fp8=MODE[;min=M][;skip=PATTERN][;...the same] take a mode")
+                     "[;fuse_qkv=1][;conds=per-step] and diffboost-fp8=MODE[;min=M][;skip=PATTERN][;...the same] "
+                     "take a mode")
 
 
 register(Variant("diffboost-fp8", "diffboost Quantize FP8 (W8A8 rowwise, default layers), not compiled",

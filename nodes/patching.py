@@ -20,6 +20,7 @@ from comfy.patcher_extension import WrappersMP
 
 from ..backends import CompileCache, CompiledModule, CompileOptions, compile_module
 from ..quant import fp8_layers, release
+from .conditioning import conditioning_on_device
 
 WRAPPER_KEY = "diffboost"
 STATE_KEY = "diffboost"  # model_options entry holding the BoostState of this clone
@@ -77,10 +78,13 @@ def with_boost(model, **changes) -> object:
     state = replace(state, denoiser=denoiser, compiled=compiled)
     m = model.clone()
     m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    m.remove_wrappers_with_key(WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY)
     if denoiser is not original:
         after = None if compiled is None else report_fallback(compiled, state.compile_node)
         m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                swap_in_while_applying({DENOISER: denoiser}, after))
+        # A faster denoiser leaves the GPU idle on ComfyUI's per-step conditioning copies.
+        m.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, conditioning_on_device)
     m.model_options[STATE_KEY] = state
     return m
 

@@ -121,3 +121,6 @@ def test_custom_variants_take_compile_model_inputs():
     assert (node["inputs"]["mode"], node["inputs"]["dynamic"], node["inputs"]["memory_format"],
             node["inputs"]["fuse_qkv"]) == ("O3", "on", "channels_last", True)
     assert variants._compile_settings("v", ["dynamic=off", "min=2"]) == ({"dynamic": "off"}, ["min=2"])
+    # The A/B of moving the conditioning once: in process only, since a server graph has no such input.
+    (per_step,) = variants.select("diffboost=O3;conds=per-step")
+    assert "conditioning copied at every step" in per_step.summary and per_step.graph is None
