@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     print()
     print(header)
     print(results_table(rows))
+    print(first_call_lines(rows))
     if args.json:
         write_json(args.json, header, rows)
         print(f"wrote {args.json}")
@@ -279,6 +280,18 @@ def results_table(rows: list[dict]) -> str:
     headers = ["variant", "it/s", "vs eager", "first call s", "peak mem", "recompiles", "TFLOP/s (% peak)",
                "rel err", "cosine", "1-call rel err", "1-call cosine", "model"]
     return format_table(headers, table)
+
+
+def first_call_lines(rows: list[dict]) -> str:
+    """Where each variant's first call spent its compile time (torch's own timers)."""
+    from ..measure.compile_phases import describe
+
+    lines = ["first call:"]
+    for r in rows:
+        if r["ok"] and r.get("stats"):
+            compiled = describe(r["stats"].get("first_call_compile"))
+            lines.append(f"  {r['variant']}: {r['first_call_s']:.1f} s, {compiled}")
+    return "\n".join(lines)
 
 
 def _json_record(r: dict) -> dict:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import compile_phases
 from .memory import PeakMemory, process_peak_rss_bytes
 from .stats import FIRST_CALL, TIMED, WARM_UP, BenchmarkStats, RunStats
 from .timer import StepTimer, synchronize
@@ -70,6 +71,7 @@ def run_benchmark(sample_once: Callable[[StepTimer, Callable[[], None]], object]
         memory.reset()
         dynamo_before, diffboost_before = dynamo_graph_count(), diffboost_graph_count()
         ticker = _Ticker(reporter.first_call_tick, tick_seconds) if index == 0 else None
+        compiled_before = compile_phases.snapshot() if index == 0 else None
         start = time.perf_counter()
         try:
             result = sample_once(timer, step_done)
@@ -83,6 +85,8 @@ def run_benchmark(sample_once: Callable[[StepTimer, Callable[[], None]], object]
                        peak_mem_bytes=memory.peak_bytes(), dynamo_graphs=dynamo_graph_count() - dynamo_before,
                        diffboost_graphs=(None if diffboost_after is None
                                          else diffboost_after - (diffboost_before or 0)))
+        if compiled_before is not None:
+            run.compile_phases = compile_phases.between(compiled_before, compile_phases.snapshot())
         if index == 0 and count_run_flops is not None:
             flops = _count_safely(count_run_flops, stats)
         run.flops = flops

@@ -7,6 +7,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from .compile_phases import describe as describe_compile
+
 SCHEMA = "diffboost.stats/1"
 FIRST_CALL, WARM_UP, TIMED = "first call", "warm-up", "timed"
 
@@ -24,6 +26,7 @@ class RunStats:
     dynamo_graphs: int = 0  # graphs torch.dynamo captured during this run (any compiler)
     diffboost_graphs: int | None = None  # graphs diffboost's CompiledModule compiled; None: not diffboost-compiled
     flops: int | None = None  # denoiser FLOPs of the whole run
+    compile_phases: dict | None = None  # first call only: measure.compile_phases.between(...)
 
     @property
     def steps(self) -> int:
@@ -133,6 +136,7 @@ class BenchmarkStats:
             "spread": {m: s.as_dict() for m, s in spreads.items() if s is not None},
             "first_call_s": _round(first.seconds, 4) if first else None,
             "first_call_graphs": first.graphs if first else None,
+            "first_call_compile": first.compile_phases if first else None,
             "peak_mem_bytes": max(peaks) if peaks else None, "peak_mem_source": self.peak_mem_source,
             "process_peak_rss_bytes": self.process_peak_rss_bytes,
             "recompiles": self.recompiles,
@@ -176,7 +180,8 @@ def format_stats(d: dict) -> str:
         ("it/s", ranged("it_per_s", ".3f")),
         ("run time s", ranged("run_s", ".3f")),
         ("step ms", ranged("step_ms", ".2f")),
-        ("first call", "-" if first is None else f"{first:.3f} s ({d.get('first_call_graphs')} graph(s) compiled)"),
+        ("first call", "-" if first is None else f"{first:.3f} s ({d.get('first_call_graphs')} graph(s) compiled"
+                       + (f"; {describe_compile(d['first_call_compile'])})" if d.get("first_call_compile") else ")")),
         ("peak memory", format_bytes(d.get("peak_mem_bytes"))
          + ("" if d.get("peak_mem_bytes") is not None else " (no device counter here)")),
         ("recompiles", recompiles),

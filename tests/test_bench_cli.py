@@ -55,6 +55,11 @@ def test_cli_compares_the_default_variants_on_cpu(tmp_path):
             assert r["error"].startswith("skipped: "), r
     eager = records[0]
     assert eager["ok"] and eager["rel_err_vs_eager"] == 0.0 and eager["speedup_vs_eager"] == 1.0
+    # Where each first call's time went: eager compiles nothing, a compiled variant traces and compiles.
+    assert eager["stats"]["first_call_compile"] is None and "eager: " in proc.stdout
+    compiled = next(r for r in records if r["ok"] and r["variant"].startswith("diffboost-"))
+    assert compiled["stats"]["first_call_compile"]["compile_s"] > 0
+    assert f"{compiled['variant']}: " in proc.stdout.split("first call:")[-1]
     assert eager["one_call_rel_err_vs_eager"] == 0.0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -165,3 +165,36 @@ def test_run_benchmark_rejects_bad_counts(warmup, runs):
     st = BenchmarkStats(steps=2, warmup_runs=warmup, timed_runs=runs, device="cpu")
     with pytest.raises(ValueError, match="runs"):
         run_benchmark(_fake_sampler(0.001, 2), steps=2, warmup=warmup, runs=runs, stats=st, device="cpu")
+
+
+def test_first_call_says_where_its_compile_time_went():
+    """torch's own compile timers, read around the first call of a real torch.compile: the tracing and
+    backend parts add up to the frame's compile, the code cache was consulted, later runs compile nothing."""
+    from diffboost.measure.compile_phases import describe
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 16))
+    compiled = torch.compile(model)
+    x = torch.randn(4, 16)
+
+    def sample_once(timer, step_done):
+        timer.start()
+        with torch.no_grad():
+            out = compiled(x)
+        step_done()
+        return out
+
+    st = BenchmarkStats(steps=1, warmup_runs=1, timed_runs=2, device="cpu")
+    run_benchmark(sample_once, steps=1, warmup=1, runs=2, stats=st, device="cpu")
+    phases = st.runs[0].compile_phases
+    assert phases["compile_s"] > 0 and phases["backend_s"] > 0 and phases["tracing_s"] > 0
+    assert phases["tracing_s"] + phases["backend_s"] == pytest.approx(phases["compile_s"], abs=2e-3)
+    assert phases["compile_s"] <= st.runs[0].seconds
+    counts = phases["cache_counts"]
+    assert counts.get("inductor.fxgraph_cache_hit", 0) + counts.get("inductor.fxgraph_cache_miss", 0) == 1
+    assert all(r.compile_phases is None for r in st.runs[1:])
+    d = st.as_dict()
+    assert d["first_call_compile"] == phases
+    assert "s compiling:" in describe(phases) and describe(None) == "nothing compiled"
+    assert "s compiling:" in format_stats(d)
