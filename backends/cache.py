@@ -45,6 +45,30 @@ def parameter_layout(module: torch.nn.Module) -> str:
     return layout.hexdigest()
 
 
+def one_group_per_kind(data: bytes) -> bytes:
+    """torch's artifacts with one group per kind (inductor, AOTAutograd, ...), in torch's own format.
+
+    Each `save_cache_artifacts()` appends a group per kind for what was compiled since the previous
+    call, and `load_cache_artifacts()` reads the groups into a dict: only the last group of each kind
+    survives. A model that compiles again after its first save (its second sampling step, a new
+    resolution) would lose the earlier AOTAutograd entries, and the next process would trace them
+    all again. Returned unchanged where this torch's private format is not the one known here."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager, _deserialize_single_cache, _serialize_single_cache
+        from torch.utils._appending_byte_serializer import AppendingByteSerializer
+
+        CacheArtifactManager._ensure_cache_artifacts_registered()
+        merged: dict = {}
+        for kind, artifacts in AppendingByteSerializer.to_list(data, deserialize_fn=_deserialize_single_cache):
+            merged.setdefault(kind, []).extend(artifacts)
+        out = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
+        out.extend(merged.items())
+        return out.to_bytes()
+    except Exception as e:  # another torch: keep its bytes as they are (the last group of each kind loads)
+        log.debug("diffboost: compile cache artifacts kept as torch wrote them (%s: %s)", type(e).__name__, e)
+        return data
+
+
 def cache_key(module: torch.nn.Module, options: CompileOptions, device: str) -> str:
     """A stable name for what compiling `module` with `options` on `device` produces."""
     try:
@@ -98,7 +122,7 @@ class CompileCache:
         saved = torch.compiler.save_cache_artifacts()
         if not saved:
             return 0
-        data = saved[0]
+        data = one_group_per_kind(saved[0])
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.path(key).with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(data)

@@ -5,6 +5,7 @@
   diffboost-bench --model flux --res 1024 --steps 20 --variants eager,comfy-compile,diffboost-O3
   diffboost-bench --model tiny-sd15 --steps 2 --runs 2 --json out.json --plot out.png
   diffboost-bench --model sd3 --variants eager,diffboost-O3 --profile prof/   # where each step's time goes
+  diffboost-bench --model sdxl --variants eager,diffboost-O3 --restart          # cold and warm start
   diffboost-bench --server http://127.0.0.1:8188 --ckpt sd_xl_base_1.0.safetensors
 
 Every figure comes from the Benchmark Sampler's measuring function (diffboost.nodes.benchmark_sampler)."""
@@ -14,8 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -59,6 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="after each variant's timed runs, one more run under torch.profiler: kernel time per "
                         "step by kind (matmul, attention, fused, ...) and device idle time, printed and written "
                         "to DIR/<variant>.md and the JSON; the timeline to DIR/<variant>.trace.json.gz")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="diffboost's variants keep their compiled artifacts in DIR and load them from there "
+                        "(Compile Model's compile_cache); default: no persistent cache")
+    p.add_argument("--restart", action="store_true",
+                   help="then measure the variants again in a new process whose inductor cache is empty, so "
+                        "that only the compile cache can help: the warm start, as rows 'VARIANT (restart)' "
+                        "beside the cold ones (uses a temporary --compile-cache when none is given)")
     p.add_argument("--server", default=None, metavar="URL", help="run against a running ComfyUI through its HTTP API")
     p.add_argument("--timeout", type=float, default=3600, help="seconds to wait per variant with --server")
     return p.parse_args(argv)
@@ -69,14 +80,18 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.runs < 1 or args.warmup < 0 or args.batch < 1:
         print("diffboost-bench: --steps, --runs and --batch must be 1 or more, --warmup 0 or more", file=sys.stderr)
         return 2
-    if args.server and args.profile:
-        print("diffboost-bench: --profile runs the model in this process; it does not work with --server",
+    if args.server and (args.profile or args.restart or args.compile_cache):
+        print("diffboost-bench: --profile, --restart and --compile-cache run the model in this process; they do "
+              "not work with --server (the server's Compile Model nodes have their own compile_cache)",
               file=sys.stderr)
         return 2
     from . import variants as registry
 
     if args.list_variants:
         return _list_variants(registry)
+    if args.restart and not args.compile_cache:
+        args.compile_cache = tempfile.mkdtemp(prefix="diffboost-bench-cache-")
+    registry.COMPILE_CACHE_DIR = args.compile_cache
     try:
         chosen = registry.select(args.variants)
     except ValueError as e:
@@ -88,6 +103,8 @@ def main(argv=None) -> int:
         rows, header = run_remote(args, chosen)
     else:
         rows, header = run_in_process(args, chosen)
+        if args.restart:
+            rows += restarted_rows(args)
     add_comparisons(rows)
     print()
     print(header)
@@ -102,6 +119,29 @@ def main(argv=None) -> int:
         plot_rows(rows, args.plot, title=header)
         print(f"wrote {args.plot}")
     return 0 if any(r["ok"] for r in rows) else 1
+
+
+def restarted_rows(args) -> list[dict]:
+    """The same variants measured by a new process with an empty inductor cache and this run's compile
+    cache, as rows named 'VARIANT (restart)' (its eager row only served its own comparisons)."""
+    child = [sys.executable, "-m", "diffboost.bench", "--compile-cache", args.compile_cache]
+    for flag in ("model", "ckpt", "variants", "res", "steps", "batch", "runs", "warmup", "sampler", "scheduler",
+                 "seed", "cfg", "vram", "dtype"):
+        value = getattr(args, flag)
+        if value is not None:
+            child += [f"--{flag}", str(value)]
+    with tempfile.TemporaryDirectory(prefix="diffboost-bench-restart-") as scratch:
+        out = os.path.join(scratch, "restart.json")
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(scratch, "inductor"))
+        print(f"\nrestart: the same variants in a new process, compile cache {args.compile_cache}, "
+              "empty inductor cache", flush=True)
+        done = subprocess.run([*child, "--json", out], env=env)
+        if done.returncode != 0 or not os.path.exists(out):
+            error = f"the restarted process exited with {done.returncode}"
+            return [{"variant": "(restart)", "ok": False, "error": error, "model_state": ""}]
+        with open(out) as f:
+            records = json.load(f)["variants"]
+    return [{**r, "variant": f"{r['variant']} (restart)"} for r in records if r["variant"] != "eager"]
 
 
 def write_json(path: str, header: str, rows: list[dict]) -> None:

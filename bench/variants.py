@@ -28,6 +28,16 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {}
 
+# Where diffboost's variants keep compiled artifacts (Compile Model's compile_cache), set by
+# `diffboost-bench --compile-cache DIR`; None: no persistent cache, as the node's "off".
+COMPILE_CACHE_DIR: str | None = None
+
+
+def compile_cache():
+    from ..backends import CompileCache
+
+    return CompileCache(COMPILE_CACHE_DIR) if COMPILE_CACHE_DIR else None
+
 
 def register(variant: Variant) -> Variant:
     VARIANTS[variant.name] = variant
@@ -90,7 +100,7 @@ def _diffboost_compile(backend: str, mode: str, settings: dict | None = None):
         from ..nodes.patching import with_boost
 
         return with_boost(base, compile_options=CompileOptions.from_user(backend, mode, **settings),
-                          compile_label=f"{bm.name} diffusion model (bench)")
+                          compile_label=f"{bm.name} diffusion model (bench)", compile_cache=compile_cache())
 
     def graph(pb, model):
         return pb.add("DiffBoostCompileModel", model=model, backend=backend, mode=mode, on_failure="fail",
@@ -146,7 +156,7 @@ def _diffboost_fp8(mode: str | None, min_weights_millions: float | None = None, 
         changes = {"quantizer": Fp8Quantizer(config), "quantization": summary}
         if mode is not None:
             changes.update(compile_options=CompileOptions.from_user("inductor", mode, **(compile_settings or {})),
-                           compile_label=f"{bm.name} diffusion model (bench)")
+                           compile_label=f"{bm.name} diffusion model (bench)", compile_cache=compile_cache())
         return with_boost(base, **changes)
 
     return apply

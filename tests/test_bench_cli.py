@@ -79,7 +79,7 @@ def test_bad_counts_are_refused_before_anything_runs():
     assert proc.returncode == 2 and "--runs" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "diffboost.bench", "--server", "http://127.0.0.1:1", "--profile", "p"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--profile runs the model in this process" in proc.stderr
+    assert proc.returncode == 2 and "run the model in this process" in proc.stderr
 
 
 def test_server_prompts_put_the_variant_between_checkpoint_and_benchmark_sampler():
@@ -129,3 +129,33 @@ def test_custom_variants_take_compile_model_inputs():
     # The A/B of moving the conditioning once: in process only, since a server graph has no such input.
     (per_step,) = variants.select("diffboost=O3;conds=per-step")
     assert "conditioning copied at every step" in per_step.summary and per_step.graph is None
+
+
+def test_restart_measures_the_warm_start_beside_the_cold_one(tmp_path):
+    """`--restart`: the variants again in a new process with an empty inductor cache, where only the
+    compile cache the first process filled can help; both first calls in one table."""
+    _comfy_or_skip()
+    out_json, cache = tmp_path / "bench.json", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "diffboost.bench", "--model", "tiny-sd15", "--steps", "2", "--runs", "1",
+           "--res", "64", "--variants", "eager,diffboost=default", "--compile-cache", str(cache), "--restart",
+           "--json", str(out_json)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r["variant"]: r for r in json.loads(out_json.read_text())["variants"]}
+    assert list(records) == ["eager", "diffboost=default", "diffboost=default (restart)"]
+    cold, warm = records["diffboost=default"], records["diffboost=default (restart)"]
+    assert cold["model_state"].endswith("cache miss") and warm["model_state"].endswith("cache hit")
+    assert len(list(cache.glob("*.torchcache"))) == 1
+    # The warm process generated no kernel code: every graph came from the compile cache.
+    counts = warm["stats"]["first_call_compile"]["cache_counts"]
+    assert counts.get("inductor.fxgraph_cache_hit", 0) >= 1 and "inductor.fxgraph_cache_miss" not in counts
+    assert cold["stats"]["first_call_compile"]["cache_counts"].get("inductor.fxgraph_cache_miss", 0) >= 1
+    assert warm["rel_err_vs_eager"] < 0.05 and warm["speedup_vs_eager"] is not None
+    assert "diffboost=default (restart): " in proc.stdout.split("first call:")[-1]
+
+
+def test_restart_and_compile_cache_are_refused_with_server():
+    proc = subprocess.run([sys.executable, "-m", "diffboost.bench", "--server", "http://127.0.0.1:1", "--restart"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "do not work with --server" in proc.stderr

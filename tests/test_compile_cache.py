@@ -30,9 +30,25 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def run_child(cache_dir, inductor_dir):
+# Compiles twice in one process: a second input size, after the first compile was already saved.
+TWO_SIZES = textwrap.dedent("""
+    import json, sys, torch
+    from torch._dynamo.utils import counters
+    from diffboost.backends import CompileCache, CompileOptions, compile_module
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+    options = CompileOptions.from_user("inductor", "default", dynamic="off")
+    compiled = compile_module(model, options, cache=CompileCache(sys.argv[1]))
+    with torch.no_grad():
+        for rows in (8, 16):
+            compiled(torch.randn(rows, 64))
+    print(json.dumps({**compiled.stats.as_dict(), **counters["aot_autograd"], **counters["inductor"]}))
+""")
+
+
+def run_child(cache_dir, inductor_dir, code=CHILD):
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE": "0"}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(cache_dir)], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code, str(cache_dir)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -53,6 +69,19 @@ def test_second_process_loads_the_cache_and_skips_most_of_the_compile(tmp_path):
     assert cold["fxgraph_cache_miss"] >= 1 and cold["fxgraph_cache_hit"] == 0, cold
     assert warm["fxgraph_cache_hit"] >= 1 and warm["fxgraph_cache_miss"] == 0, warm
     print(f"first call: cold {cold['first_call_seconds']:.2f} s, warm {warm['first_call_seconds']:.2f} s")
+
+
+def test_what_was_compiled_after_the_first_save_is_kept_too(tmp_path):
+    """torch's artifacts, saved after each compile, hold one group per compile; loaded as they are,
+    only the last group of each kind survives. The cache keeps them all: the second process traces
+    no graph through AOTAutograd again and generates no kernel code."""
+    cache_dir = tmp_path / "cache"
+    cold = run_child(cache_dir, tmp_path / "inductor-a", TWO_SIZES)
+    assert cold["graphs_compiled"] == 2 and cold["autograd_cache_miss"] == 2 and cold["fxgraph_cache_miss"] == 2
+    warm = run_child(cache_dir, tmp_path / "inductor-b", TWO_SIZES)  # a new, empty inductor cache
+    assert warm["cache"] == "hit"
+    assert warm.get("autograd_cache_hit") == 2 and warm.get("autograd_cache_miss", 0) == 0, warm
+    assert warm.get("fxgraph_cache_miss", 0) == 0, warm
 
 
 def test_corrupt_entry_is_set_aside_and_rebuilt(tmp_path, caplog):
