@@ -31,14 +31,15 @@ def moved_to(model_conds: dict, device: torch.device) -> dict:
 def conditioning_on_device(executor, guider, *args, **kwargs):
     """SAMPLER_SAMPLE wrapper: run the sampler with the guider's conditioning on its model's device,
     and give the guider its own conditioning back afterwards."""
-    device = torch.device(guider.model_patcher.load_device)
-    originals = {kind: list(entries) for kind, entries in guider.conds.items()}
+    conds, patcher = getattr(guider, "conds", None), getattr(guider, "model_patcher", None)
+    if not isinstance(conds, dict) or patcher is None:  # a custom guider of another shape: leave it be
+        return executor(guider, *args, **kwargs)
+    device = torch.device(patcher.load_device)
+    originals = dict(conds)  # the lists themselves are swapped, never changed: the guider gets them back
     try:
-        for entries in guider.conds.values():
-            for i, entry in enumerate(entries):
-                if "model_conds" in entry:
-                    entries[i] = {**entry, "model_conds": moved_to(entry["model_conds"], device)}
+        for kind, entries in originals.items():
+            conds[kind] = [{**entry, "model_conds": moved_to(entry["model_conds"], device)}
+                           if "model_conds" in entry else entry for entry in entries]
         return executor(guider, *args, **kwargs)
     finally:
-        for kind, entries in originals.items():
-            guider.conds[kind] = entries
+        conds.update(originals)

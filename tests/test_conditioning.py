@@ -9,22 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffboost.bench.host import ComfyNotFound, boot
-
 
 @pytest.fixture(scope="module")
-def host():
-    try:
-        return boot()
-    except ComfyNotFound as e:
-        pytest.skip(f"HOST TESTS SKIPPED: {e}")
+def tiny(comfy_host):
+    import comfy.model_management
 
-
-@pytest.fixture(scope="module")
-def tiny(host):
     from diffboost.bench import models
 
-    return models.build("tiny-sd15", host.device, seed=0)
+    return models.build("tiny-sd15", comfy.model_management.get_torch_device(), seed=0)
 
 
 def some_conds():
@@ -36,7 +28,7 @@ def some_conds():
             "several": comfy.conds.CONDList([torch.ones(2)])}
 
 
-def test_moved_to_moves_the_tensors_and_leaves_the_original_as_it_was(host):
+def test_moved_to_moves_the_tensors_and_leaves_the_original_as_it_was(comfy_host):
     import comfy.conds
 
     from diffboost.nodes.conditioning import moved_to
@@ -64,6 +56,7 @@ def test_sampler_sees_conditioning_on_the_model_device_and_the_guider_gets_its_o
     guider = comfy.samplers.CFGGuider(patcher)
     positive, negative = {"model_conds": some_conds(), "uuid": "p"}, {"model_conds": some_conds(), "uuid": "n"}
     guider.conds = {"positive": [positive], "negative": [negative]}
+    lists = dict(guider.conds)
     seen = {}
 
     def sampler(g, sigmas):
@@ -75,7 +68,8 @@ def test_sampler_sees_conditioning_on_the_model_device_and_the_guider_gets_its_o
 
     assert torch.equal(conditioning_on_device(sampler, guider, torch.ones(2)), torch.full((2,), 2.0))
     assert seen["positive"] == seen["negative"] == {"c_crossattn": "meta", "c_size": "meta"}
-    assert guider.conds["positive"][0] is positive and guider.conds["negative"][0] is negative
+    assert guider.conds == lists and all(guider.conds[k] is lists[k] for k in lists)  # its own lists, as they were
+    assert lists["positive"] == [positive] and lists["negative"] == [negative]
 
     def failing(g, sigmas):
         raise RuntimeError("interrupted")
