@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,14 +90,15 @@ def main(argv=None) -> int:
 
     if args.list_variants:
         return _list_variants(registry)
-    if args.restart and not args.compile_cache:
-        args.compile_cache = tempfile.mkdtemp(prefix="diffboost-bench-cache-")
-    registry.COMPILE_CACHE_DIR = args.compile_cache
     try:
         chosen = registry.select(args.variants)
     except ValueError as e:
         print(f"diffboost-bench: {e}", file=sys.stderr)
         return 2
+    own_cache = args.restart and not args.compile_cache
+    if own_cache:
+        args.compile_cache = tempfile.mkdtemp(prefix="diffboost-bench-cache-")
+    registry.COMPILE_CACHE_DIR = args.compile_cache
     if args.server:
         from .remote import run_remote
 
@@ -105,6 +107,8 @@ def main(argv=None) -> int:
         rows, header = run_in_process(args, chosen)
         if args.restart:
             rows += restarted_rows(args)
+        if own_cache:  # only this run could use it
+            shutil.rmtree(args.compile_cache, ignore_errors=True)
     add_comparisons(rows)
     print()
     print(header)
