@@ -22,6 +22,15 @@ function ranged(stats, metric, digits) {
   return `${fmt(s.median, digits)}  (${fmt(s.min, digits)} – ${fmt(s.max, digits)})`;
 }
 
+// Where the first call's compile time went (torch's timers), or "-" when nothing was compiled.
+function compileBreakdown(c) {
+  if (!c) return "-";
+  let text = `${fmt(c.compile_s, 1, " s")}: tracing ${fmt(c.tracing_s, 1, " s")}, backend ${fmt(c.backend_s, 1, " s")}`;
+  if (c.cuda_graph_recording_s) text += `, CUDA graphs ${fmt(c.cuda_graph_recording_s, 1, " s")}`;
+  const counts = Object.entries(c.cache_counts || {}).map(([k, n]) => `${k.split(".").pop()} ${n}`);
+  return counts.length ? `${text}  (${counts.join(", ")})` : text;
+}
+
 // Rows of [label, value]; every value is text, written with textContent (no HTML injection).
 function rows(stats) {
   const tflops = stats.tflops === null ? "-" :
@@ -33,6 +42,7 @@ function rows(stats) {
     ["it/s", ranged(stats, "it_per_s", 3)],
     ["run time s", ranged(stats, "run_s", 3)],
     ["first call", `${fmt(stats.first_call_s, 2, " s")}  (${stats.first_call_graphs ?? 0} graphs compiled)`],
+    ["compiling", compileBreakdown(stats.first_call_compile)],
     ["peak memory", bytes(stats.peak_mem_bytes)],
     ["recompiles", `${stats.recompiles}  (dynamo ${stats.recompiles_dynamo}${diffboost})`],
     ["TFLOP/s", tflops],
