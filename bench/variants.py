@@ -4,6 +4,7 @@ Sampler (`graph`). A new variant (diffboost FP8, a new backend) is one `register
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,9 +53,9 @@ def select(spec: str | None) -> list[Variant]:
     """The variants named in a comma-separated `spec` (all default ones when None), eager first so
     the others can be compared with it. `diffboost=MODE` and `diffboost-fp8=MODE` name Compile Model
     (inductor) with any mode string, without or with Quantize FP8 before it. Both take Compile Model's
-    other inputs as `;dynamic=on`, `;memory_format=channels_last`, `;fuse_qkv=1`; the former also
-    `;conds=per-step` (ComfyUI's per-step conditioning copies left in place, for comparison), the latter also
-    `;min=M` (min_weights_millions) and `;skip=PATTERN` (one more ignore pattern, repeatable).
+    other inputs as `;dynamic=on`, `;memory_format=channels_last`, `;fuse_qkv=1`, and `;conds=per-step`
+    (ComfyUI's per-step conditioning copies left in place, for comparison); the latter also `;min=M`
+    (min_weights_millions) and `;skip=PATTERN` (one more ignore pattern, repeatable).
     Raises ValueError naming an unknown variant or a bad mode string."""
     wanted = names(default_only=True) if not spec else [s.strip() for s in spec.split(",") if s.strip()]
     for name in wanted:
@@ -234,19 +235,22 @@ def _custom_mode_variant(name: str) -> Variant:
     settings = [s for s in settings if s != "conds=per-step"]
     if kind == "diffboost" and not settings:
         apply, graph = _diffboost_compile("inductor", mode, compile_settings)
-        if per_step:
-            return Variant(name, f"diffboost Compile Model, mode {mode}{extra}, conditioning copied at every step "
-                                 "as ComfyUI does", apply=_conditioning_per_step(apply), default=False)
-        return Variant(name, f"diffboost Compile Model, backend inductor, mode {mode}{extra}", apply=apply,
-                       graph=graph, default=False)
-    if kind == "diffboost-fp8":
+        variant = Variant(name, f"diffboost Compile Model, backend inductor, mode {mode}{extra}", apply=apply,
+                          graph=graph, default=False)
+    elif kind == "diffboost-fp8":
         minimum, skip = _fp8_settings(name, settings)
-        return Variant(name, f"diffboost Quantize FP8 then Compile Model, mode {mode}{extra}",
-                       apply=_diffboost_fp8(mode, minimum, skip, compile_settings),
-                       unavailable=_fp8_unavailable, default=False)
-    raise ValueError(f"variant '{name}': only diffboost=MODE[;dynamic=on|off|auto][;memory_format=channels_last]"
-                     "[;fuse_qkv=1][;conds=per-step] and diffboost-fp8=MODE[;min=M][;skip=PATTERN][;...the same] "
-                     "take a mode")
+        variant = Variant(name, f"diffboost Quantize FP8 then Compile Model, mode {mode}{extra}",
+                          apply=_diffboost_fp8(mode, minimum, skip, compile_settings),
+                          unavailable=_fp8_unavailable, default=False)
+    else:
+        raise ValueError(f"variant '{name}': only diffboost=MODE[;dynamic=on|off|auto]"
+                         "[;memory_format=channels_last][;fuse_qkv=1] and diffboost-fp8=MODE[;min=M]"
+                         "[;skip=PATTERN][;...the same] take a mode; both also [;conds=per-step]")
+    if not per_step:
+        return variant
+    # In process only: a server graph has no input that leaves the per-step copies in place.
+    return dataclasses.replace(variant, summary=f"{variant.summary}, conditioning copied at every step as ComfyUI does",
+                               apply=_conditioning_per_step(variant.apply), graph=None)
 
 
 register(Variant("diffboost-fp8", "diffboost Quantize FP8 (W8A8 rowwise, default layers), not compiled",

@@ -129,6 +129,8 @@ def test_custom_variants_take_compile_model_inputs():
     # The A/B of moving the conditioning once: in process only, since a server graph has no such input.
     (per_step,) = variants.select("diffboost=O3;conds=per-step")
     assert "conditioning copied at every step" in per_step.summary and per_step.graph is None
+    (fp8_per_step,) = variants.select("diffboost-fp8=O3;min=2;conds=per-step")
+    assert fp8_per_step.summary.startswith("diffboost Quantize FP8") and "at every step" in fp8_per_step.summary
 
 
 def test_restart_measures_the_warm_start_beside_the_cold_one(tmp_path):
