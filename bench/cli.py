@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     else:
         rows, header = run_in_process(args, chosen)
         if args.restart:
-            rows += restarted_rows(args)
+            rows += restarted_rows(args, [v.name for v in chosen if v.cached])
         if own_cache:  # only this run could use it
             shutil.rmtree(args.compile_cache, ignore_errors=True)
     add_comparisons(rows)
@@ -125,11 +125,16 @@ def main(argv=None) -> int:
     return 0 if any(r["ok"] for r in rows) else 1
 
 
-def restarted_rows(args) -> list[dict]:
-    """The same variants measured by a new process with an empty inductor cache and this run's compile
-    cache, as rows named 'VARIANT (restart)' (its eager row only served its own comparisons)."""
-    child = [sys.executable, "-m", "diffboost.bench", "--compile-cache", args.compile_cache]
-    for flag in ("model", "ckpt", "variants", "res", "steps", "batch", "runs", "warmup", "sampler", "scheduler",
+def restarted_rows(args, cached: list[str]) -> list[dict]:
+    """The `cached` variants (those diffboost compiles) measured by a new process with an empty inductor
+    cache and this run's compile cache, as rows named 'VARIANT (restart)' (its eager row only served
+    its own comparisons). The others have nothing in that cache: a restart would only compile them again."""
+    if not cached:
+        print("\nrestart: skipped, no variant of this run is compiled by diffboost", flush=True)
+        return []
+    child = [sys.executable, "-m", "diffboost.bench", "--compile-cache", args.compile_cache,
+             "--variants", ",".join(["eager", *cached])]
+    for flag in ("model", "ckpt", "res", "steps", "batch", "runs", "warmup", "sampler", "scheduler",
                  "seed", "cfg", "vram", "dtype"):
         value = getattr(args, flag)
         if value is not None:

@@ -25,6 +25,8 @@ class Variant:
     # (PromptBuilder, model link) -> model link, for --server; None: not available through the API.
     graph: Callable | None = None
     default: bool = True  # run when --variants is not given
+    # Compiled by diffboost, so it keeps its artifacts in --compile-cache (and --restart measures it again).
+    cached: bool = False
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -116,7 +118,7 @@ for _backend in backend_registry.names():
         _apply, _graph = _diffboost_compile(_backend, _preset)
         register(Variant(_name, f"diffboost Compile Model, backend {_backend}, mode {_preset}", apply=_apply,
                          unavailable=lambda b=_backend: backend_registry.availability().get(b),
-                         graph=_graph, default=_backend == "inductor"))
+                         graph=_graph, default=_backend == "inductor", cached=True))
 
 
 # --- ComfyUI's native FP8 (weight_dtype fp8_e4m3fn_fast) ----------------------------------------
@@ -236,12 +238,12 @@ def _custom_mode_variant(name: str) -> Variant:
     if kind == "diffboost" and not settings:
         apply, graph = _diffboost_compile("inductor", mode, compile_settings)
         variant = Variant(name, f"diffboost Compile Model, backend inductor, mode {mode}{extra}", apply=apply,
-                          graph=graph, default=False)
+                          graph=graph, default=False, cached=True)
     elif kind == "diffboost-fp8":
         minimum, skip = _fp8_settings(name, settings)
         variant = Variant(name, f"diffboost Quantize FP8 then Compile Model, mode {mode}{extra}",
                           apply=_diffboost_fp8(mode, minimum, skip, compile_settings),
-                          unavailable=_fp8_unavailable, default=False)
+                          unavailable=_fp8_unavailable, default=False, cached=True)
     else:
         raise ValueError(f"variant '{name}': only diffboost=MODE[;dynamic=on|off|auto]"
                          "[;memory_format=channels_last][;fuse_qkv=1] and diffboost-fp8=MODE[;min=M]"
@@ -256,4 +258,4 @@ def _custom_mode_variant(name: str) -> Variant:
 register(Variant("diffboost-fp8", "diffboost Quantize FP8 (W8A8 rowwise, default layers), not compiled",
                  apply=_diffboost_fp8(None), unavailable=_fp8_unavailable, default=False))
 register(Variant("diffboost-fp8-O3", "diffboost Quantize FP8 then Compile Model O3",
-                 apply=_diffboost_fp8("O3"), unavailable=_fp8_unavailable, default=False))
+                 apply=_diffboost_fp8("O3"), unavailable=_fp8_unavailable, default=False, cached=True))
