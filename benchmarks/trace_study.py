@@ -1,7 +1,7 @@
 """How long torch.dynamo takes to trace each architecture's denoiser: the part of a compile that no
 artifact cache removes (a warm start still traces, then loads the compiled kernels).
 
-  python benchmarks/trace_study.py [--models sdxl,sd3,flux,pixart] [--variants whole,dynamic,regional]
+  python benchmarks/trace_study.py [--models sdxl,sd3,flux,pixart] [--variants whole,dynamic,regional,whole-filtered]
 
 Runs on the CPU with the models on the meta device (real architectures and shapes, no weights, no
 memory), through ComfyUI's SDPA attention path as on a GPU. The backend does no compiling: the first
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-VARIANTS = ("whole", "dynamic", "regional")
+VARIANTS = ("whole", "dynamic", "regional", "whole-filtered")
 
 
 def build(name: str):
@@ -64,7 +64,7 @@ def trace(net, kwargs: dict, variant: str) -> dict:
     from torch._dynamo.utils import compilation_time_metrics as phases
 
     from diffboost.backends import CompileOptions
-    from diffboost.backends.inductor import layout_key
+    from diffboost.backends.inductor import keep_transformer_options_unguarded, layout_key
     from diffboost.backends.standin import repeated_blocks, replace_submodules, twin_calling
 
     torch._dynamo.reset()
@@ -86,7 +86,10 @@ def trace(net, kwargs: dict, variant: str) -> dict:
         blocks = repeated_blocks(net)
         fn = replace_submodules(net, lambda name, m: twin_calling(m, compile_block(m)) if type(m) in blocks else None)
     else:
-        fn = torch.compile(net, backend=no_compile, dynamic=True if variant == "dynamic" else None)
+        # whole-filtered: with the guard filter diffboost's compiles pass (its own cost is torch building
+        # one filter entry per guard).
+        options = {"guard_filter_fn": keep_transformer_options_unguarded} if variant == "whole-filtered" else {}
+        fn = torch.compile(net, backend=no_compile, dynamic=True if variant == "dynamic" else None, options=options)
     def seconds(phase: str) -> float:
         return sum(phases.get(phase, []))
 
