@@ -110,6 +110,16 @@ def test_custom_variants_take_a_mode_and_fp8_layer_settings():
             variants.select(bad)
 
 
+def test_variants_compiled_by_diffboost_are_the_ones_the_restart_measures_again():
+    """`--restart` reruns the `cached` variants: their artifacts are in the compile cache."""
+    chosen = variants.select("eager,comfy-compile,diffboost-O3,diffboost-fp8,diffboost-fp8-O3,diffboost=O3:regional,"
+                             "diffboost-fp8=O3;min=2,diffboost=O3;conds=per-step")
+    assert {v.name: v.cached for v in chosen} == {
+        "eager": False, "comfy-compile": False, "diffboost-O3": True, "diffboost-fp8": False,
+        "diffboost-fp8-O3": True, "diffboost=O3:regional": True, "diffboost-fp8=O3;min=2": True,
+        "diffboost=O3;conds=per-step": True}
+
+
 def test_custom_variants_take_compile_model_inputs():
     """`diffboost=O3;dynamic=on` against `diffboost=O3` in one run is how dynamic and static compare."""
     from argparse import Namespace
