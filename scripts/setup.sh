@@ -35,10 +35,15 @@ fi
 pip install -q -e "$here[test]"
 
 # The browser test drives Debian's Chromium through playwright-core (npm); without them it skips loudly.
-if ! { command -v chromium >/dev/null && command -v npm >/dev/null; }; then
+# Only what is missing: a NodeSource nodejs ships its own npm and conflicts with Debian's npm package.
+missing=""
+command -v chromium >/dev/null || missing="chromium"
+command -v npm >/dev/null || missing="$missing nodejs npm"
+if [ -n "$missing" ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get update -q >/dev/null && apt-get install -y -q chromium nodejs npm >/dev/null \
-      || echo "WARNING: could not install chromium/npm; the browser test will be skipped." >&2
+    # shellcheck disable=SC2086 # one word per package
+    apt-get update -q >/dev/null && apt-get install -y -q $missing >/dev/null \
+      || echo "WARNING: could not install:$missing; the browser test will be skipped." >&2
   else
     echo "WARNING: chromium and npm are missing (install them to run the browser test)." >&2
   fi
