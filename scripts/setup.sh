@@ -37,15 +37,15 @@ pip install -q -e "$here[test]"
 # The browser test drives Debian's Chromium through playwright-core (npm); without them it skips loudly.
 # Only what is missing: a NodeSource nodejs ships its own npm and conflicts with Debian's npm package.
 missing=""
-command -v chromium >/dev/null || missing="chromium"
+command -v chromium >/dev/null || missing=" chromium"  # each name after a space, as the messages print it
 command -v npm >/dev/null || missing="$missing nodejs npm"
 if [ -n "$missing" ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     # shellcheck disable=SC2086 # one word per package
     apt-get update -q >/dev/null && apt-get install -y -q $missing >/dev/null \
-      || echo "WARNING: could not install:$missing; the browser test will be skipped." >&2
+      || echo "WARNING: could not install$missing; the browser test will be skipped." >&2
   else
-    echo "WARNING: chromium and npm are missing (install them to run the browser test)." >&2
+    echo "WARNING: missing$missing (install them to run the browser test)." >&2
   fi
 fi
 tools=${DIFFBOOST_PLAYWRIGHT_DIR:-$HOME/.cache/diffboost/browser-tools}
