@@ -28,3 +28,9 @@ class Backend(ABC):
     def compile(self, module: torch.nn.Module, options: CompileOptions,
                 on_graph: Callable[[], None]) -> Callable:
         """Return a callable with the module's signature. Must not change `module`."""
+
+    def saved_graphs(self, module: torch.nn.Module, options: CompileOptions, on_graph: Callable[[], None],
+                     root, key: str):
+        """A SavedGraphs running `module`'s calls from graphs saved under `root` (see saved_graph.py),
+        or None where this backend or these options cannot save a whole compiled call."""
+        return None

@@ -26,6 +26,7 @@ log = logging.getLogger("diffboost")
 
 DEFAULT_MAX_BYTES = int(float(os.environ.get("DIFFBOOST_CACHE_MAX_GB", "4")) * 2**30)
 SUFFIX = ".torchcache"
+GRAPH_SUFFIX = ".graph"  # saved graphs (saved_graph.py) share the folder, its cap and its clearing
 
 
 def device_name(module: torch.nn.Module) -> str:
@@ -69,8 +70,9 @@ def one_group_per_kind(data: bytes) -> bytes:
         return data
 
 
-def cache_key(module: torch.nn.Module, options: CompileOptions, device: str) -> str:
-    """A stable name for what compiling `module` with `options` on `device` produces."""
+def cache_key(module: torch.nn.Module, options: CompileOptions, device: str, environment: str = "") -> str:
+    """A stable name for what compiling `module` with `options` on `device` produces; `environment`
+    is the host's own part (its settings that change which functions the model calls)."""
     try:
         import triton
 
@@ -85,6 +87,7 @@ def cache_key(module: torch.nn.Module, options: CompileOptions, device: str) -> 
         "triton": triton_version,
         "python": platform.python_version(),
         "device": device,
+        "environment": environment,
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
     return f"{type(module).__name__}-{options.backend}-{digest}"
@@ -93,9 +96,10 @@ def cache_key(module: torch.nn.Module, options: CompileOptions, device: str) -> 
 class CompileCache:
     """A folder of cache files with a size cap (least recently used go first)."""
 
-    def __init__(self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES, environment: str = ""):
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.environment = environment  # the host's settings that change compiled results (cache_key)
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}{SUFFIX}"
@@ -133,7 +137,8 @@ class CompileCache:
     def entries(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(self.root.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
+        files = [*self.root.glob(f"*{SUFFIX}"), *self.root.glob(f"*{GRAPH_SUFFIX}")]
+        return sorted(files, key=lambda p: p.stat().st_mtime)
 
     def size(self) -> int:
         return sum(p.stat().st_size for p in self.entries())
@@ -149,11 +154,12 @@ class CompileCache:
             p.unlink(missing_ok=True)
 
     def clear(self) -> int:
-        """Delete every entry (and set-aside broken ones). Returns how many files were removed."""
+        """Delete every entry, saved graphs included, and set-aside broken ones. Returns how many
+        files were removed."""
         if not self.root.is_dir():
             return 0
         removed = 0
-        for p in [*self.root.glob(f"*{SUFFIX}"), *self.root.glob("*.broken")]:
+        for p in [*self.entries(), *self.root.glob("*.broken")]:
             p.unlink(missing_ok=True)
             removed += 1
         return removed

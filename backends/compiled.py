@@ -16,6 +16,7 @@ from .cache import CompileCache, cache_key, device_name
 from .errors import CompileFailed
 from .options import CompileOptions
 from .runtime import runtime_switches
+from .saved_graph import NOT_HANDLED
 
 log = logging.getLogger("diffboost")
 
@@ -30,13 +31,14 @@ class CompileStats:
     first_call_seconds: float | None = None
     failure: str | None = None  # set once the backend failed and the model fell back to eager
     cache: str = "off"  # "off", "miss" (compiled from scratch) or "hit" (artifacts loaded from disk)
+    saved_graph: str = ""  # "loaded" (ran without tracing) or "saved" (traced, saved for the next process)
     events: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"graphs_compiled": self.graphs_compiled, "calls": self.calls,
                 "compile_seconds": round(self.compile_seconds, 3),
                 "first_call_seconds": None if self.first_call_seconds is None else round(self.first_call_seconds, 3),
-                "failure": self.failure, "cache": self.cache}
+                "failure": self.failure, "cache": self.cache, "saved_graph": self.saved_graph}
 
 
 class CompiledModule(torch.nn.Module):
@@ -59,6 +61,8 @@ class CompiledModule(torch.nn.Module):
         self._lock = threading.Lock()
         self._cache = cache
         self._cache_key: str | None = None
+        self._backend = backend
+        self._saved = None  # SavedGraphs, made at the first call when the cache is on
         try:
             # torch keeps every backend it was given until torch._dynamo.reset(): a strong callback would
             # keep this model and its graphs alive after ComfyUI freed it.
@@ -92,11 +96,11 @@ class CompiledModule(torch.nn.Module):
             args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
         if self._cache is not None and self._cache_key is None:
             # Keyed at the first call, when the weights sit on the device the graphs are built for.
-            self._cache_key = cache_key(self._original, self.options, device_name(self._original))
+            self._cache_key = cache_key(self._original, self.options, device_name(self._original),
+                                        self._cache.environment)
             stats.cache = "hit" if self._cache.load(self._cache_key) else "miss"
-        if self.options.dynamic == "auto":
-            # Prompts differ in length (77, 154, ... tokens): static at one length, auto recompiles for the next.
-            _mark_token_dim_dynamic(kwargs.get("context"))
+            self._saved = self._backend.saved_graphs(self._original, self.options, _weak_call(self._count_graph),
+                                                     self._cache.root, self._cache_key)
         graphs_before = stats.graphs_compiled
         start = time.perf_counter()
         try:
@@ -104,7 +108,14 @@ class CompiledModule(torch.nn.Module):
                 if self.options.mode.cudagraphs:
                     # A new sampling step: earlier CUDA-graph outputs may be overwritten from here on.
                     torch.compiler.cudagraph_mark_step_begin()
-                out = self._compiled(*args, **kwargs)
+                out = NOT_HANDLED if self._saved is None else self._saved.call(args, kwargs)
+                by_saved_graph = out is not NOT_HANDLED
+                if not by_saved_graph:
+                    if self.options.dynamic == "auto":
+                        # Prompts differ in length (77, 154, ... tokens): static at one length, auto
+                        # recompiles for the next. (A saved graph is for one length: its guards reject marks.)
+                        _mark_token_dim_dynamic(kwargs.get("context"))
+                    out = self._compiled(*args, **kwargs)
                 if self.options.mode.cudagraphs and torch.is_tensor(out):
                     out = out.clone()  # the graph's output buffer is reused by the next replay
         except self._passthrough:
@@ -116,9 +127,14 @@ class CompiledModule(torch.nn.Module):
         stats.calls += 1
         if stats.first_call_seconds is None:
             stats.first_call_seconds = elapsed
+        if by_saved_graph and not stats.saved_graph:
+            stats.saved_graph = "saved" if stats.graphs_compiled > graphs_before else "loaded"
+            if stats.saved_graph == "loaded":
+                stats.cache = "hit"
+            stats.events.extend(self._saved.events)
         if stats.graphs_compiled > graphs_before:
             stats.compile_seconds += elapsed
-            if self._cache is not None:
+            if self._cache is not None and not by_saved_graph:  # a saved graph is its own file
                 self._save_to_cache()
         return out
 

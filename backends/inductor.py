@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import saved_graph
 from .base import Backend
 from .cache import parameter_layout
 from .fuse import fuse_parallel_linears
@@ -148,6 +149,17 @@ class InductorBackend(Backend):
         blocks = repeated_blocks(module)
         return without_duck_sizing(replace_submodules(
             module, lambda name, m: twin_calling(m, compile_one(m)) if type(m) in blocks else None))
+
+
+    def saved_graphs(self, module: torch.nn.Module, options: CompileOptions, on_graph: Callable[[], None],
+                     root, key: str):
+        # Whole-model compiles only: block-by-block compiles trace in seconds anyway, frozen graphs
+        # hold one set of weights, and a dynamic-shape graph is not what the first call saves.
+        if options.mode.regional or options.mode.freezing or options.dynamic == "on" or not saved_graph.supported():
+            return None
+        backend = _CountingInductor(inductor_settings(options.mode, options.memory_format),
+                                    options.dynamic_flag, options.fuse_qkv, on_graph)
+        return saved_graph.SavedGraphs(module, backend, keep_transformer_options_unguarded, root, key)
 
 
 def without_duck_sizing(compiled: Callable) -> Callable:

@@ -12,11 +12,12 @@ import torch
 
 
 def replace_submodules(root: torch.nn.Module,
-                       replace: Callable[[str, torch.nn.Module], torch.nn.Module | None]) -> torch.nn.Module:
+                       replace: Callable[[str, torch.nn.Module], torch.nn.Module | None],
+                       copies: list | None = None) -> torch.nn.Module:
     """Return `root` with each submodule for which `replace(qualified_name, module)` returns a module
     swapped for that module. Containers on the way are shallow copies; nothing else is copied.
     `replace` is not asked about the children of a module it replaced. Returns `root` itself when
-    nothing was replaced."""
+    nothing was replaced. Each (container, its copy) is appended to `copies` when given."""
 
     def visit(name: str, module: torch.nn.Module) -> torch.nn.Module:
         new_children = {}
@@ -33,6 +34,8 @@ def replace_submodules(root: torch.nn.Module,
         twin = copy.copy(module)  # shares _parameters and _buffers dicts: patched weights stay visible
         twin._modules = dict(module._modules)
         twin._modules.update(new_children)
+        if copies is not None:
+            copies.append((module, twin))
         return twin
 
     return visit("", root)

@@ -160,6 +160,8 @@ def describe_compiled(compiled: CompiledModule) -> str:
     text = f"compiled: {compiled.options.describe()}, {s.graphs_compiled} graph(s) compiled"
     if s.cache != "off":
         text += f", cache {s.cache}"
+    if s.saved_graph:
+        text += f", graph {s.saved_graph}"
     if s.failure:
         text += f", FELL BACK TO EAGER ({s.failure[:120]})"
     return text

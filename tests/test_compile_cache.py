@@ -47,7 +47,10 @@ TWO_SIZES = textwrap.dedent("""
 
 
 def run_child(cache_dir, inductor_dir, code=CHILD):
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE": "0"}
+    # Saved graphs off: these tests are about torch's artifacts, which serve whatever no saved graph
+    # runs (graph breaks, block-by-block compiles, other inputs); tests/test_saved_graph.py has those.
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE": "0",
+           "DIFFBOOST_SAVED_GRAPHS": "0"}
     done = subprocess.run([sys.executable, "-c", code, str(cache_dir)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -122,3 +122,37 @@ def test_real_server_runs_a_compiled_graph(comfy_server, tiny_models):
     assert compile_ui == executed[str(T.FIRST_INSERTED_ID)]
     assert compile_ui["text"][0].startswith("compiled: inductor (mode=O2)")
     assert history["outputs"][T.NODE_IDS["capture"]]["diffboost_test_capture"][0]["finite"]
+
+
+def test_saved_graph_serves_a_new_session_without_tracing_and_follows_a_lora(comfy_host, tiny_models, tmp_path,
+                                                                              monkeypatch):
+    """compile_cache on, one graph (SDPA attention, as on a GPU): the first session traces the denoiser
+    call and saves it; a new session (nothing compiled in memory) runs it from the file without
+    tracing, matches eager, and a LoRA applied to the compiled model still changes the output."""
+    from diffboost.backends import saved_graph
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DIFFBOOST_CACHE_DIR", str(cache))
+    sdpa = {"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}
+    lora = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": tiny_models.filename("sd15_lora"),
+                                                            "strength_model": 1.0}}
+    compiled_graph = T.graph("sd15", tiny_models, insert=[sdpa, compile_node(compile_cache="on")], decode=False)
+    _, eager = sample(comfy_host, T.graph("sd15", tiny_models, insert=[sdpa], decode=False))
+    _, eager_lora = sample(comfy_host, T.graph("sd15", tiny_models, insert=[sdpa, lora], decode=False))
+
+    torch._dynamo.reset()
+    comfy_host.run_prompt(compiled_graph, fresh=True).check()
+    assert rel_err(comfy_host.captured_latent("latent"), eager) < TOLERANCE
+    assert len(list(cache.glob("*.graph"))) == 1, list(cache.iterdir())
+
+    saved_graph._LOADED.clear()  # a new session: nothing compiled or loaded in memory
+    torch._dynamo.reset()
+    before = dynamo_graph_count()
+    comfy_host.run_prompt(compiled_graph, fresh=True).check()
+    assert dynamo_graph_count() == before, "the new session traced the model again instead of loading its graph"
+    assert rel_err(comfy_host.captured_latent("latent"), eager) < TOLERANCE
+
+    with_lora = T.graph("sd15", tiny_models, insert=[sdpa, compile_node(compile_cache="on"), lora], decode=False)
+    _, compiled_lora = sample(comfy_host, with_lora)
+    assert dynamo_graph_count() == before  # the LoRA's weights are the saved graph's inputs
+    assert rel_err(compiled_lora, eager_lora) < TOLERANCE and rel_err(eager_lora, eager) > 0.05

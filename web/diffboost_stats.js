@@ -26,6 +26,7 @@ function ranged(stats, metric, digits) {
 function compileBreakdown(c) {
   if (!c) return "-";
   let text = `${fmt(c.compile_s, 1, " s")}: tracing ${fmt(c.tracing_s, 1, " s")}, backend ${fmt(c.backend_s, 1, " s")}`;
+  if (c.saved_graph_loading_s) text += `, loading a saved graph ${fmt(c.saved_graph_loading_s, 1, " s")}`;
   if (c.cuda_graph_recording_s) text += `, CUDA graphs ${fmt(c.cuda_graph_recording_s, 1, " s")}`;
   const counts = Object.entries(c.cache_counts || {}).map(([k, n]) => `${k.split(".").pop()} ${n}`);
   return counts.length ? `${text}  (${counts.join(", ")})` : text;
