@@ -124,10 +124,10 @@ def test_real_server_runs_a_compiled_graph(comfy_server, tiny_models):
     assert history["outputs"][T.NODE_IDS["capture"]]["diffboost_test_capture"][0]["finite"]
 
 
-def test_saved_graph_serves_a_new_session_without_tracing_and_follows_a_lora(comfy_host, tiny_models, tmp_path,
+def test_saved_graph_serves_a_restarted_comfyui_without_tracing_and_follows_a_lora(comfy_host, tiny_models, tmp_path,
                                                                               monkeypatch):
-    """compile_cache on, one graph (SDPA attention, as on a GPU): the first session traces the denoiser
-    call and saves it; a new session (nothing compiled in memory) runs it from the file without
+    """compile_cache on, one graph (SDPA attention, as on a GPU): the first run traces the denoiser call
+    and saves it; after a restart (nothing compiled in memory) the model runs it from the file without
     tracing, matches eager, and a LoRA applied to the compiled model still changes the output."""
     from diffboost.backends import saved_graph
 
@@ -145,11 +145,11 @@ def test_saved_graph_serves_a_new_session_without_tracing_and_follows_a_lora(com
     assert rel_err(comfy_host.captured_latent("latent"), eager) < TOLERANCE
     assert len(list(cache.glob("*.graph"))) == 1, list(cache.iterdir())
 
-    saved_graph._LOADED.clear()  # a new session: nothing compiled or loaded in memory
+    saved_graph._LOADED.clear()  # as after a restart: nothing compiled or loaded in memory
     torch._dynamo.reset()
     before = dynamo_graph_count()
     comfy_host.run_prompt(compiled_graph, fresh=True).check()
-    assert dynamo_graph_count() == before, "the new session traced the model again instead of loading its graph"
+    assert dynamo_graph_count() == before, "after the restart the model was traced again instead of loading its graph"
     assert rel_err(comfy_host.captured_latent("latent"), eager) < TOLERANCE
 
     with_lora = T.graph("sd15", tiny_models, insert=[sdpa, compile_node(compile_cache="on"), lora], decode=False)
