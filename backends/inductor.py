@@ -81,6 +81,12 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
         return super().__call__(model_, inputs_, **kwargs)
 
 
+def _counting_inductor(options: CompileOptions, on_graph: Callable[[], None]) -> _CountingInductor:
+    """The inductor backend `options` ask for, reporting each graph to `on_graph`."""
+    return _CountingInductor(inductor_settings(options.mode, options.memory_format), options.dynamic_flag,
+                             options.fuse_qkv, on_graph)
+
+
 # transformer_options entries that change between prompts (the sampler's wrappers and callbacks, the
 # noise schedule, per-prompt ids) without changing the denoiser's code.
 VOLATILE_TRANSFORMER_OPTIONS = ("wrappers", "callbacks", "sigmas", "sample_sigmas", "uuids")
@@ -119,8 +125,7 @@ class InductorBackend(Backend):
 
     def compile(self, module: torch.nn.Module, options: CompileOptions,
                 on_graph: Callable[[], None]) -> Callable:
-        backend = _CountingInductor(inductor_settings(options.mode, options.memory_format),
-                                    options.dynamic_flag, options.fuse_qkv, on_graph)
+        backend = _counting_inductor(options, on_graph)
         kwargs = {}
         accepted = inspect.signature(torch.compile).parameters
         if "recompile_limit" in accepted:
@@ -150,16 +155,14 @@ class InductorBackend(Backend):
         return without_duck_sizing(replace_submodules(
             module, lambda name, m: twin_calling(m, compile_one(m)) if type(m) in blocks else None))
 
-
     def saved_graphs(self, module: torch.nn.Module, options: CompileOptions, on_graph: Callable[[], None],
                      root, key: str):
         # Whole-model compiles only: block-by-block compiles trace in seconds anyway, frozen graphs
         # hold one set of weights, and a dynamic-shape graph is not what the first call saves.
         if options.mode.regional or options.mode.freezing or options.dynamic == "on" or not saved_graph.supported():
             return None
-        backend = _CountingInductor(inductor_settings(options.mode, options.memory_format),
-                                    options.dynamic_flag, options.fuse_qkv, on_graph)
-        return saved_graph.SavedGraphs(module, backend, keep_transformer_options_unguarded, root, key)
+        return saved_graph.SavedGraphs(module, _counting_inductor(options, on_graph),
+                                       keep_transformer_options_unguarded, root, key)
 
 
 def without_duck_sizing(compiled: Callable) -> Callable:

@@ -38,7 +38,6 @@ from .standin import replace_submodules
 
 log = logging.getLogger("diffboost")
 
-SUFFIX = GRAPH_SUFFIX
 LOAD_TIMER = "diffboost.load_saved_graph"  # among torch's compile timers, read by measure/compile_phases.py
 NOT_HANDLED = object()  # what `SavedGraphs.call` returns when the usual compile must run the call
 _LOADED: dict[str, object] = {}  # file name -> loaded function: every model of that layout in this process shares it
@@ -80,12 +79,14 @@ def signature(value, depth: int = 0) -> str:
 
 def sources_unchanged(fn) -> bool:
     """Whether every function `fn` traced still has the source it had when it was traced."""
+    module_lines: dict[str, list[str]] = {}  # a module's source, read once for all its traced functions
     for src in fn.source_info().inlined_sources:
-        try:
-            lines = inspect.getsourcelines(importlib.import_module(src.module))[0]
-        except (ImportError, OSError, TypeError):
-            return False
-        text = "".join(lines[src.firstlineno - 1: src.lastlineno - 1])
+        if src.module not in module_lines:
+            try:
+                module_lines[src.module] = inspect.getsourcelines(importlib.import_module(src.module))[0]
+            except (ImportError, OSError, TypeError):
+                return False
+        text = "".join(module_lines[src.module][src.firstlineno - 1: src.lastlineno - 1])
         if hashlib.sha256(text.encode()).hexdigest() != src.checksum:
             return False
     return True
@@ -116,10 +117,8 @@ class SavedGraphs:
 
     def call(self, args: tuple, kwargs: dict):
         """The call's output through a saved graph, or NOT_HANDLED."""
-        if not self._usable or not self._stand_in_current():
-            return NOT_HANDLED
         root = self._plain_root()
-        if not self._usable:
+        if not self._usable or not self._stand_in_current():
             return NOT_HANDLED
         digest = hashlib.sha256(signature((args, kwargs)).encode()).hexdigest()[:16]
         if digest not in self._graphs:
@@ -133,7 +132,7 @@ class SavedGraphs:
         return fn(root, *args, **kwargs)
 
     def path(self, digest: str) -> Path:
-        return self._root / f"{self._key}-{digest}{SUFFIX}"
+        return self._root / f"{self._key}-{digest}{GRAPH_SUFFIX}"
 
     def _plain_root(self) -> torch.nn.Module:
         if self._stand_in is None:
@@ -162,8 +161,9 @@ class SavedGraphs:
             self._root_attributes = dict(self._original.__dict__)
             self._children = [(original._modules, dict(original._modules)) for original, _ in copies]
             self._parameter_dicts = [m._parameters for m in root.modules()]  # shared with the original's modules
-            self._parameter_specs = [_spec(p) for p in self._parameters()]
-            self._parameters_seen = [id(p) for p in self._parameters()]
+            params = self._parameters()
+            self._parameter_specs = [_spec(p) for p in params]
+            self._parameters_seen = [id(p) for p in params]
         return self._stand_in
 
     def _parameters(self) -> list:
@@ -184,8 +184,6 @@ class SavedGraphs:
     def _stand_in_current(self) -> bool:
         """Whether the stand-in still runs what the original would: every casting layer plain, no
         attribute of the model and no child of a container replaced since the stand-in was made."""
-        if self._stand_in is None:
-            return True
         if self._original.__dict__ != self._root_attributes:
             return False
         return (all(live == seen for live, seen in self._children) and all(map(is_plain, self._layers))
