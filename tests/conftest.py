@@ -10,6 +10,7 @@ Tests using them are marked `host` and skipped, with a loud summary line, when C
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def tiny_models(comfy_host):
 def comfy_server(comfy_path, tiny_models):
     from helpers.server import ComfyServer
 
-    server = ComfyServer(comfy_path, Path(tempfile.mkdtemp(prefix="diffboost-server-")), tiny_models)
+    work = Path(tempfile.mkdtemp(prefix="diffboost-server-"))
+    server = ComfyServer(comfy_path, work, tiny_models)
     server.start()
     yield server
     server.stop()
+    shutil.rmtree(work, ignore_errors=True)

@@ -5,9 +5,11 @@ records every websocket message instead of sending it."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -287,6 +289,8 @@ def boot(models_root: Path | None = None) -> Host:
     from . import tiny_models
 
     work = Path(tempfile.mkdtemp(prefix="diffboost-host-"))
+    # The tiny models alone are 1.6 GB: a run that leaves its folder behind fills the disk within days.
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     models = tiny_models.TinyModels(models_root or work / "models").ensure()
     for folder, path in models.folder_paths().items():
         folder_paths.add_model_folder_path(folder, str(path), is_default=True)
