@@ -104,11 +104,13 @@ def main(argv=None) -> int:
 
         rows, header = run_remote(args, chosen)
     else:
-        rows, header = run_in_process(args, chosen)
-        if args.restart:
-            rows += restarted_rows(args, [v.name for v in chosen if v.cached])
-        if own_cache:  # only this run could use it
-            shutil.rmtree(args.compile_cache, ignore_errors=True)
+        try:
+            rows, header = run_in_process(args, chosen)
+            if args.restart:
+                rows += restarted_rows(args, [v.name for v in chosen if v.cached])
+        finally:
+            if own_cache:  # only this run could use it
+                shutil.rmtree(args.compile_cache, ignore_errors=True)
     add_comparisons(rows)
     print()
     print(header)
