@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import tiny_models as T
+from helpers.recompiles import GraphCount
 
 from diffboost.measure.runner import dynamo_graph_count
 
@@ -73,10 +74,10 @@ def test_input_model_is_unchanged_and_second_run_does_not_recompile(comfy_host, 
     _, before = sample(comfy_host, eager_graph)
     # Compile Model on the very ModelPatcher the loader node has cached, then sample twice more.
     _, compiled = sample(comfy_host, T.graph("sd15", tiny_models, insert=compile_node(), decode=False, seed=3))
-    graphs = dynamo_graph_count()
+    count = GraphCount()
     result, _ = sample(comfy_host, T.graph("sd15", tiny_models, insert=compile_node(), decode=False, seed=4))
     assert str(T.FIRST_INSERTED_ID) in result.cached_nodes  # the compiled MODEL was reused ...
-    assert dynamo_graph_count() == graphs  # ... and so was its compiled graph: no recompilation
+    assert count.new_graphs() == 0, count.why()  # ... and so was its compiled graph: no recompilation
     # The eager graph again: the sampler runs anew on the same cached loader output.
     result, after = sample(comfy_host, eager_graph)
     assert T.NODE_IDS["sampler"] in result.executed_nodes and T.NODE_IDS["loader"] in result.cached_nodes

@@ -9,8 +9,7 @@ import json
 import pytest
 import torch
 from helpers import tiny_models as T
-
-from diffboost.measure.runner import dynamo_graph_count
+from helpers.recompiles import GraphCount
 
 MIN_FEATURES = 256  # the tiny SD1.5's attention and feed-forward layers have 320 features on one side
 QUANT, SINK = "10", "30"  # the first inserted node's id (tiny_models.FIRST_INSERTED_ID); the model sink
@@ -232,10 +231,10 @@ def compile_default(host):
 
 
 def run_counting_graphs(host, prompt, fresh: bool = False) -> tuple[int, torch.Tensor]:
-    """(graphs dynamo captured while running `prompt`, the final latent)."""
-    before = dynamo_graph_count()
+    """(graphs dynamo captured for running `prompt`, the final latent): GraphCount.new_graphs."""
+    count = GraphCount()
     host.run_prompt(prompt, fresh=fresh).check()
-    return dynamo_graph_count() - before, host.captured_latent().clone()
+    return count.new_graphs(), host.captured_latent().clone()
 
 
 def test_fp8_and_compile_rerun_by_an_upstream_lora_change_reuse_their_graphs(host):
