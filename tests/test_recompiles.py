@@ -4,7 +4,8 @@ instruct-pix2pix images) runs on the graphs already built. Real ComfyUI host, ti
 on the CPU, each scenario with GPU-like attention (one graph) and with ComfyUI's CPU attention.
 
 A recompile is a graph torch.dynamo captures after the first compile (the count the Benchmark
-Sampler reports as recompiles_dynamo). Each test also checks that the output follows the change and
+Sampler reports as recompiles_dynamo), less the one that ComfyUI's CPU attention owes to the
+machine's free memory (helpers/recompiles.py says why). Each test also checks that the output follows the change and
 matches eager, so a stale graph or a cached result cannot pass for "no recompile"."""
 
 from __future__ import annotations
