@@ -12,7 +12,7 @@
 | low-precision   | run time: reduced-precision fp16/bf16 matmul reductions, TF32 (restored after)   |
 | benchmark       | run time: cudnn.benchmark (restored after)                                       |
 | regional        | each repeated block compiled once, reused by all its instances (stand-in tree)   |
-| channels_last   | layout_optimization; 4-D inputs passed in channels_last                          |
+| channels_last   | layout_optimization, force_layout_optimization; 4-D inputs passed in channels_last |
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def inductor_settings(mode: CompileMode, memory_format: str = "preserve") -> dic
     if mode.jit:
         s.update(max_autotune=False, coordinate_descent_tuning=False)
     if memory_format == "channels_last":
-        s["layout_optimization"] = True
+        # Forced: inductor's own heuristic declines channels-last convolutions whenever a size is
+        # symbolic (pytorch#102670), so a `dynamic` UNet would otherwise run them all in NCHW.
+        s.update(layout_optimization=True, force_layout_optimization=True)
     from torch._inductor import config
 
     known = config.get_config_copy()

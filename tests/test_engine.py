@@ -226,3 +226,40 @@ def test_regional_compile_traces_each_repeated_block_once():
         compiled = compile_module(model, CompileOptions(mode=parse_mode("regional")))
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
     assert compiled.stats.graphs_compiled == 1  # three Attention blocks, one graph
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.SiLU(),
+                                         torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.SiLU(),
+                                         torch.nn.Conv2d(32, 4, 3, padding=1))
+
+    def forward(self, x):
+        return self.convs(x)
+
+
+@pytest.mark.parametrize("memory_format, channels_last_convs", [("preserve", False), ("channels_last", True)])
+def test_channels_last_is_kept_by_a_dynamic_compile(monkeypatch, memory_format, channels_last_convs):
+    from torch._inductor.graph import GraphLowering
+
+    decided = []
+    decide = GraphLowering.decide_layout_opt
+
+    def recording(gm, *, is_inference):  # inductor's own decision, recorded as it is made
+        decided.append(decide(gm, is_inference=is_inference))
+        return decided[-1]
+
+    monkeypatch.setattr(GraphLowering, "decide_layout_opt", staticmethod(recording))
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    compiled = compile_module(model, CompileOptions.from_user("inductor", "default", memory_format=memory_format,
+                                                              dynamic="on"))
+    # Without oneDNN the CPU takes the path a GPU takes: channels-last only where inductor chooses it.
+    with torch.backends.mkldnn.flags(enabled=False), torch.no_grad():
+        for size in (16, 24):
+            x = torch.randn(1, 4, size, size + 8)
+            assert torch.allclose(compiled(x), model(x), atol=1e-4)
+    # A symbolic size makes inductor's heuristic decline channels-last; the user's choice overrides it.
+    assert decided == [channels_last_convs]
+    assert compiled.stats.graphs_compiled == 1
