@@ -12,6 +12,7 @@
 | low-precision   | run time: reduced-precision fp16/bf16 matmul reductions, TF32 (restored after)   |
 | benchmark       | run time: cudnn.benchmark (restored after)                                       |
 | regional        | each repeated block compiled once, reused by all its instances (stand-in tree)   |
+| fuse-rope       | graph pass: comfy_kitchen's RoPE ops become plain torch that inductor fuses      |
 | channels_last   | layout_optimization, force_layout_optimization; 4-D inputs passed in channels_last |
 """
 
@@ -29,6 +30,7 @@ from .cache import parameter_layout
 from .fuse import fuse_parallel_linears
 from .modes import CompileMode
 from .options import CompileOptions
+from .rope import fuse_rope
 from .runtime import RECOMPILE_LIMIT
 from .standin import repeated_blocks, replace_submodules, twin_calling
 
@@ -62,9 +64,11 @@ def inductor_settings(mode: CompileMode, memory_format: str = "preserve") -> dic
 class _CountingInductor(torch._TorchCompileInductorWrapper):
     """Inductor that reports each graph it compiles and applies the graph passes we own."""
 
-    def __init__(self, settings: dict, dynamic: bool | None, fuse_qkv: bool, on_graph: Callable[[], None]):
+    def __init__(self, settings: dict, dynamic: bool | None, fuse_qkv: bool, on_graph: Callable[[], None],
+                 rope: bool = False):
         super().__init__(None, settings, dynamic)
         self._fuse_qkv = fuse_qkv
+        self._fuse_rope = rope
         self.count_to(on_graph)
 
     def count_to(self, on_graph: Callable[[], None]) -> None:
@@ -80,13 +84,15 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
         self._on_graph()
         if self._fuse_qkv:
             fuse_parallel_linears(model_)
+        if self._fuse_rope:
+            fuse_rope(model_)
         return super().__call__(model_, inputs_, **kwargs)
 
 
 def _counting_inductor(options: CompileOptions, on_graph: Callable[[], None]) -> _CountingInductor:
     """The inductor backend `options` ask for, reporting each graph to `on_graph`."""
     return _CountingInductor(inductor_settings(options.mode, options.memory_format), options.dynamic_flag,
-                             options.fuse_qkv, on_graph)
+                             options.fuse_qkv, on_graph, rope=options.mode.fuse_rope)
 
 
 # transformer_options entries that change between prompts (the sampler's wrappers and callbacks, the

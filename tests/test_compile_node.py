@@ -56,6 +56,27 @@ def test_regional_compile_of_a_dit_matches_eager(comfy_host, tiny_models):
     assert "mode=O2:regional" in result.outputs[str(T.FIRST_INSERTED_ID + 1)]["text"][0]
 
 
+def compiled_code(host, arch, models, insert) -> tuple[str, torch.Tensor]:
+    """(the code inductor generated while a sampling run compiled, the run's latent)."""
+    from torch._inductor.utils import run_and_get_code
+
+    # Inductor's and AOTAutograd's caches on disk outlive the process; a graph found there has no new code.
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        (_, latent), sources = run_and_get_code(sample, host, T.graph(arch, models, insert=insert, decode=False))
+    return "\n".join(sources), latent
+
+
+def test_fuse_rope_computes_flux_rope_in_the_compiled_graph(comfy_host, tiny_models):
+    _, eager = sample(comfy_host, T.graph("flux", tiny_models, decode=False))
+    torch._dynamo.reset()  # every graph compiled anew, so that its code is seen
+    kept_code, kept = compiled_code(comfy_host, "flux", tiny_models, compile_node(mode="default"))
+    assert "comfy_kitchen.apply_rope" in kept_code  # inductor cannot see into the op: a separate call
+    torch._dynamo.reset()
+    fused_code, fused = compiled_code(comfy_host, "flux", tiny_models, compile_node(mode="default:fuse-rope"))
+    assert "comfy_kitchen" not in fused_code and fused_code.count("def call(") >= kept_code.count("def call(")
+    assert rel_err(fused, eager) < TOLERANCE and rel_err(kept, eager) < TOLERANCE
+
+
 def test_lora_after_compile_changes_the_output_as_without_compilation(comfy_host, tiny_models):
     lora = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": tiny_models.filename("sd15_lora"),
                                                             "strength_model": 1.0}}

@@ -228,6 +228,16 @@ def test_regional_compile_traces_each_repeated_block_once():
     assert compiled.stats.graphs_compiled == 1  # three Attention blocks, one graph
 
 
+def without_compile_caches():
+    """Inductor's and AOTAutograd's caches on disk turned off (they outlive the test process)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    return stack
+
+
 class ConvNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -256,7 +266,8 @@ def test_channels_last_is_kept_by_a_dynamic_compile(monkeypatch, memory_format, 
     compiled = compile_module(model, CompileOptions.from_user("inductor", "default", memory_format=memory_format,
                                                               dynamic="on"))
     # Without oneDNN the CPU takes the path a GPU takes: channels-last only where inductor chooses it.
-    with torch.backends.mkldnn.flags(enabled=False), torch.no_grad():
+    # No graph from inductor's caches on disk: a cached graph skips the decision this test records.
+    with torch.backends.mkldnn.flags(enabled=False), torch.no_grad(), without_compile_caches():
         for size in (16, 24):
             x = torch.randn(1, 4, size, size + 8)
             assert torch.allclose(compiled(x), model(x), atol=1e-4)

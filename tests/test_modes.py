@@ -34,6 +34,7 @@ def test_flags_presets_and_torch_modes_mean_what_they_say():
                                  "cudagraphs", "cache-all"}
     assert parse_mode("O3").cudagraphs and parse_mode("O3").low_precision
     assert parse_mode("O2").cudagraphs and not parse_mode("O2").low_precision
+    assert parse_mode("O2").fuse_rope and parse_mode("O3").fuse_rope
     assert parse_mode("reduce-overhead").flags() == ["cudagraphs"]
     assert parse_mode("max-autotune").flags() == ["max-autotune"]  # the seeds' flag wins over torch's mode
     assert parse_mode("max-autotune-no-cudagraphs").flags() == ["max-autotune"]
