@@ -9,7 +9,8 @@ import torch
 import torch.fx
 
 # Interleaved RoPE: pair k of the last dimension is (x[2k], x[2k+1]), rotated by a 2x2 matrix of
-# `freqs_cis[..., k, :, :]`. One function per op, each taking the op's arguments.
+# `freqs_cis[..., k, :, :]`. One function per op, each taking the op's arguments. The library's own
+# plain-torch version lives in a module path internal to it (backends/eager), so it is written here.
 
 
 def rope_one(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import tiny_models as T
+from helpers.compile_caches import without_compile_caches
 from helpers.recompiles import GraphCount
 
 from diffboost.measure.runner import dynamo_graph_count
@@ -60,8 +61,7 @@ def compiled_code(host, arch, models, insert) -> tuple[str, torch.Tensor]:
     """(the code inductor generated while a sampling run compiled, the run's latent)."""
     from torch._inductor.utils import run_and_get_code
 
-    # Inductor's and AOTAutograd's caches on disk outlive the process; a graph found there has no new code.
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+    with without_compile_caches():  # a graph found in a cache on disk generates no code
         (_, latent), sources = run_and_get_code(sample, host, T.graph(arch, models, insert=insert, decode=False))
     return "\n".join(sources), latent
 

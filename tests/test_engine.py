@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.compile_caches import without_compile_caches
 
 from diffboost.backends import BackendUnavailable, CompileFailed, CompileOptions, ConfigError, compile_module, registry
 from diffboost.backends.base import Backend
@@ -226,16 +227,6 @@ def test_regional_compile_traces_each_repeated_block_once():
         compiled = compile_module(model, CompileOptions(mode=parse_mode("regional")))
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
     assert compiled.stats.graphs_compiled == 1  # three Attention blocks, one graph
-
-
-def without_compile_caches():
-    """Inductor's and AOTAutograd's caches on disk turned off (they outlive the test process)."""
-    import contextlib
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
-    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
-    return stack
 
 
 class ConvNet(torch.nn.Module):
