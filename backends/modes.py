@@ -25,7 +25,8 @@ FLAGS = {
 
 # The presets, chosen by measurement on an H100 (benchmarks/RESULTS.md): CUDA graphs are what turn
 # ComfyUI's launch-bound UNet step into a GPU-bound one (SDXL 12 -> 29 it/s); max-optimize and
-# max-autotune did not finish compiling SDXL within 7 minutes, so no preset includes them.
+# max-autotune did not finish compiling SDXL within 7 minutes, so no preset includes them (on Flux with
+# FP8, max-autotune kept torch's _scaled_mm for every FP8 layer: nothing to gain there either).
 # O2 keeps full-precision reductions; O3 also allows reduced-precision ones. fuse-rope made Flux 1.1%
 # (bf16) and 1.7% (FP8) faster in one run on an H200 at the same error, and changes nothing elsewhere.
 PRESETS = {
