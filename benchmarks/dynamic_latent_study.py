@@ -78,19 +78,19 @@ def call_inputs(device, dtype, h: int, w: int, batch: int = 2):
 
 
 def variant_fn(name: str, m, settings: dict):
+    """The variant's compiled call, traced as Compile Model traces: duck sizing off, so that a square
+    latent's height and width stay two symbols and another aspect ratio does not recompile."""
+    from diffboost.backends.inductor import without_duck_sizing
+
     def plain(x, t, c, y):
         return m(x, t, context=c, y=y)
 
     def blocks(xb, t, c, y):
         return m(xb.flatten(4, 5).flatten(2, 3), t, context=c, y=y)
 
-    if name == "static":
-        compiled = torch.compile(plain, dynamic=False, options=settings)
-        return lambda x, t, c, y: compiled(x, t, c, y)
-    if name == "dynamic":
-        compiled = torch.compile(plain, dynamic=True, options=settings)
-        return lambda x, t, c, y: compiled(x, t, c, y)
-    compiled = torch.compile(blocks, dynamic=True, options=settings)
+    if name in ("static", "dynamic"):
+        return without_duck_sizing(torch.compile(plain, dynamic=name == "dynamic", options=settings))
+    compiled = without_duck_sizing(torch.compile(blocks, dynamic=True, options=settings))
 
     def call(x, t, c, y):
         xb = x.unflatten(3, (x.shape[3] // 8, 8)).unflatten(2, (x.shape[2] // 8, 8))
