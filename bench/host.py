@@ -87,9 +87,11 @@ class Host:
         return {k: v.get("output", v) for k, v in executor.history_result.get("outputs", {}).items()}
 
 
-def boot(cpu: bool | None = None, load_pack: bool = True, extras: bool = False, vram: str = "normal") -> Host:
+def boot(cpu: bool | None = None, load_pack: bool = True, extras: bool = False, vram: str = "normal",
+         sdpa_attention: bool = False) -> Host:
     """Import ComfyUI in this process (once) and load this pack's nodes. `cpu=None`: CPU when no CUDA.
-    `vram`: "lowvram" or "novram" as ComfyUI's command-line flags of those names."""
+    `vram`: "lowvram" or "novram" as ComfyUI's command-line flags of those names. `sdpa_attention`:
+    ComfyUI's --use-pytorch-cross-attention (its CPU default splits attention in graph-breaking loops)."""
     global _booted
     if _booted is not None:
         return _booted
@@ -108,6 +110,7 @@ def boot(cpu: bool | None = None, load_pack: bool = True, extras: bool = False, 
     comfy.cli_args.args.cpu = cpu  # read when comfy.model_management is first imported
     comfy.cli_args.args.lowvram = vram == "lowvram"
     comfy.cli_args.args.novram = vram == "novram"
+    comfy.cli_args.args.use_pytorch_cross_attention = sdpa_attention
     comfy.cli_args.args.disable_all_custom_nodes = False
     import comfy.model_management  # noqa: F401
 

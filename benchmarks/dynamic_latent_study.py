@@ -54,20 +54,6 @@ def unet(depth: int, device, dtype):
     return m
 
 
-def use_sdpa_attention() -> None:
-    """ComfyUI's attention through torch's SDPA on the CPU too, as on the GPU: its CPU default splits
-    attention in Python loops that break the graph, which would hide the UNet's own kernels."""
-    from diffboost.bench.host import comfy_path
-
-    sys.path.insert(0, str(comfy_path()))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-
-
 def call_inputs(device, dtype, h: int, w: int, batch: int = 2):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, h // 8, w // 8, generator=g).to(device, dtype)
@@ -114,7 +100,11 @@ def timed(fn, args, rounds: int = 5, calls: int = 10, code: list | None = None):
         torch.compiler.cudagraph_mark_step_begin()
         return fn(*args).clone()
 
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    from diffboost.measure.timer import synchronize
+
+    def sync():
+        synchronize(args[0].device)
+
     sync()
     start = time.perf_counter()
     if code is None:
@@ -154,9 +144,10 @@ def main() -> None:
     from diffboost.backends.modes import parse_mode
     from diffboost.backends.runtime import runtime_switches
     from diffboost.bench.host import boot
+    from diffboost.measure.runner import dynamo_graph_count
 
-    use_sdpa_attention()
-    boot(cpu=a.cpu, load_pack=False)
+    # SDPA on the CPU too, as on the GPU: the CPU default's graph breaks would hide the UNet's own kernels.
+    boot(cpu=a.cpu, load_pack=False, sdpa_attention=True)
     device, dtype = (torch.device("cpu"), torch.float32) if a.cpu else (torch.device("cuda"), torch.float16)
     side = 256 if a.cpu else 1024
     mode = parse_mode("default" if a.cpu else "O3")
@@ -186,11 +177,11 @@ def main() -> None:
                            rel_err=float((out.float() - ref).norm() / ref.norm()),
                            vs_eager=round(eager[1] / ms, 3))
                 if name != "static":
-                    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                    graphs = dynamo_graph_count()
                     for w, h in SIZES:
                         fn(*call_inputs(device, dtype, h * side // 1024 // 64 * 64, w * side // 1024 // 64 * 64))
                     fn(*call_inputs(device, dtype, side, side, batch=1))
-                    row["graphs_after_size_changes"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
+                    row["graphs_after_size_changes"] = dynamo_graph_count() - graphs
         except Exception as e:  # recorded, so the next variant still runs
             row["error"] = f"{type(e).__name__}: {e}"[:800]
             traceback.print_exc()
