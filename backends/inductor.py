@@ -14,6 +14,8 @@
 | regional        | each repeated block compiled once, reused by all its instances (stand-in tree)   |
 | fuse-rope       | graph pass: comfy_kitchen's RoPE ops become plain torch that inductor fuses      |
 | channels_last   | layout_optimization, force_layout_optimization; 4-D inputs passed in channels_last |
+
+With `dynamic` on (whole-model compiles), the latent is passed as blocks of 8x8 (latent_blocks.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from . import saved_graph
 from .base import Backend
 from .cache import parameter_layout
 from .fuse import fuse_parallel_linears
+from .latent_blocks import LatentInBlocks, dispatching
 from .modes import CompileMode
 from .options import CompileOptions
 from .rope import fuse_rope
@@ -157,6 +160,9 @@ class InductorBackend(Backend):
             return compiled
 
         if not options.mode.regional:
+            if options.dynamic == "on":
+                # The latent's sides as multiples of 8: the downsampled sizes stay exact (latent_blocks.py).
+                return without_duck_sizing(dispatching(compile_one(LatentInBlocks(module)), compile_one(module)))
             return without_duck_sizing(compile_one(module))
         # One compile per block class and layout serves every instance: params are graph inputs.
         blocks = repeated_blocks(module)

@@ -15,18 +15,18 @@ compiles it with diffboost's O3 inductor settings and channels-last convolutions
 
 Each variant reports its first call, ms per call (median of 5 rounds of 10 calls), the relative
 error against eager, and for the dynamic ones the graphs compiled while the size moves through
-832x1216, 768x512, 512x768 and a batch of 1 (0 means no recompilation). One JSON line per variant.
+832x1216, 768x512, 512x768 and a batch of 4 (two images with CFG; 0 means no recompilation). One JSON line per variant.
 `--index-math` counts the run-time divisions in the generated kernels (it runs on the CPU too);
 `--stacks-every N` prints the stacks every N seconds, to see where a compile that does not end is."""
 
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import re
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -65,25 +65,40 @@ def call_inputs(device, dtype, h: int, w: int, batch: int = 2):
 
 def variant_fn(name: str, m, settings: dict):
     """The variant's compiled call, traced as Compile Model traces: duck sizing off, so that a square
-    latent's height and width stay two symbols and another aspect ratio does not recompile."""
+    latent's height and width stay two symbols and another aspect ratio does not recompile. The
+    blocks are Compile Model's own (backends/latent_blocks.py)."""
     from diffboost.backends.inductor import without_duck_sizing
+    from diffboost.backends.latent_blocks import LatentInBlocks, as_blocks
 
+    # A new transformer_options each call, as the sampler passes: the UNet writes into it, and
+    # writing into forward's shared default {} would fail a guard and recompile at the next call.
     def plain(x, t, c, y):
-        return m(x, t, context=c, y=y)
-
-    def blocks(xb, t, c, y):
-        return m(xb.flatten(4, 5).flatten(2, 3), t, context=c, y=y)
+        return m(x, t, context=c, y=y, transformer_options={})
 
     if name in ("static", "dynamic"):
         return without_duck_sizing(torch.compile(plain, dynamic=name == "dynamic", options=settings))
-    compiled = without_duck_sizing(torch.compile(blocks, dynamic=True, options=settings))
+    compiled = without_duck_sizing(torch.compile(LatentInBlocks(m), dynamic=True, options=settings))
 
     def call(x, t, c, y):
-        xb = x.unflatten(3, (x.shape[3] // 8, 8)).unflatten(2, (x.shape[2] // 8, 8))
-        for d in (1, 3, 5):
-            torch._dynamo.mark_static(xb, d)
-        return compiled(xb, t, c, y)
+        return compiled(as_blocks(x), t, context=c, y=y, transformer_options={})
     return call
+
+
+def print_main_stack_every(seconds: float) -> None:
+    """Print the main thread's stack to stderr every `seconds`, from a daemon thread. Python's own
+    frames only: faulthandler's periodic dump crashed the process mid-compile."""
+    main_id = threading.main_thread().ident
+
+    def loop():
+        start = time.perf_counter()
+        while True:
+            time.sleep(seconds)
+            frame = sys._current_frames().get(main_id)
+            lines = traceback.format_stack(frame) if frame else ["(no main thread)\n"]
+            stack = "".join(lines[:6] + ["  ...\n"] + lines[-12:])  # the caller and where inside torch
+            print(f"--- main thread at {time.perf_counter() - start:.0f} s\n{stack}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=loop, daemon=True).start()
 
 
 def index_math(codes: list[str]) -> dict:
@@ -156,13 +171,13 @@ def main() -> None:
     args = call_inputs(device, dtype, side, side)
     with torch.no_grad():
         ref = m(args[0], args[1], context=args[2], y=args[3]).float()
-        eager = timed(lambda x, t, c, y: m(x, t, context=c, y=y), args)
+        eager = timed(lambda x, t, c, y: m(x, t, context=c, y=y, transformer_options={}), args)
     rows = [{"variant": "eager", "ms": round(eager[1], 3), "rounds": [round(v, 3) for v in eager[2]],
              "depth": a.depth, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
              "torch": torch.__version__}]
     print(json.dumps(rows[0]), flush=True)
     if a.stacks_every:
-        faulthandler.dump_traceback_later(a.stacks_every, repeat=True, file=sys.stderr)
+        print_main_stack_every(a.stacks_every)
     for name in a.variants.split(","):
         torch._dynamo.reset()
         row = {"variant": name, "depth": a.depth}
@@ -177,10 +192,12 @@ def main() -> None:
                            rel_err=float((out.float() - ref).norm() / ref.norm()),
                            vs_eager=round(eager[1] / ms, 3))
                 if name != "static":
+                    # the speed first: a recompile over the sizes below may not end within a call's time
+                    print(json.dumps({**row, "before_size_changes": True}), flush=True)
                     graphs = dynamo_graph_count()
                     for w, h in SIZES:
                         fn(*call_inputs(device, dtype, h * side // 1024 // 64 * 64, w * side // 1024 // 64 * 64))
-                    fn(*call_inputs(device, dtype, side, side, batch=1))
+                    fn(*call_inputs(device, dtype, side, side, batch=4))  # a sampler with CFG never calls with 1
                     row["graphs_after_size_changes"] = dynamo_graph_count() - graphs
         except Exception as e:  # recorded, so the next variant still runs
             row["error"] = f"{type(e).__name__}: {e}"[:800]

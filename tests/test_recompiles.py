@@ -161,6 +161,32 @@ def test_dynamic_compile_serves_every_aspect_ratio_and_batch_size(comfy_host, ti
         assert latent.shape == (batch, T.LATENT_CHANNELS[arch], height // 8, width // 8)
 
 
+# Sides that are multiples of 64 px, as 1024x1024, 512x768, 768x512 and 832x1216 are: the latent goes
+# to the dynamic compile as blocks of 8x8 (backends/latent_blocks.py). At least 128 px: one block high
+# would be a side of 1, which torch specialises on.
+BLOCK_SIZES = [(128, 128), (128, 192), (192, 128), (192, 320)]
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd3"])
+def test_dynamic_compile_with_the_latent_in_blocks_serves_every_size_and_batch(comfy_host, tiny_models, arch,
+                                                                             caplog):
+    """SDXL's UNet downsamples twice (where the blocks keep the sizes exact), SD3 patchifies."""
+    sdpa = [{"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}]
+    shapes = [(w, h, 1) for w, h in BLOCK_SIZES] + [(*BLOCK_SIZES[0], 2)]
+
+    def prompt(width, height, batch, compiled):
+        insert = [*sdpa, compile_node("on")] if compiled else sdpa
+        return T.graph(arch, tiny_models, insert=insert, width=width, height=height, batch_size=batch, decode=False)
+
+    cases = {f"{w}x{h} batch {b}": (prompt(w, h, b, True), prompt(w, h, b, False)) for w, h, b in shapes}
+    with caplog.at_level("INFO", logger="diffboost"):
+        latents = check_series(comfy_host, cases, outputs_differ=False)
+    assert "the latent goes in as 8x8 blocks" in caplog.text, "the compiled model did not take the blocks"
+    assert "does not split into 8x8 blocks" not in caplog.text
+    for (width, height, batch), latent in zip(shapes, latents, strict=True):
+        assert latent.shape == (batch, T.LATENT_CHANNELS[arch], height // 8, width // 8)
+
+
 def test_benchmark_sampler_reports_no_recompile_at_a_new_resolution(comfy_host, tiny_models, attention):
     insert = [*attention, compile_node("on")]
     first_compile(comfy_host, T.graph("sd15", tiny_models, insert=insert, decode=False))
@@ -300,6 +326,24 @@ def test_controlnet_strength_and_on_off_do_not_recompile(comfy_host, tiny_models
     # Without a ControlNet the denoiser adds no residuals: other code, compiled once; then switching is free.
     check_series(comfy_host, {label: (prompt(s, True), prompt(s, False)) for label, s in series},
                  new_variants=("no ControlNet",))
+
+
+def test_controlnet_with_a_dynamic_compile_follows_the_resolution_without_recompiling(comfy_host, tiny_models,
+                                                                                     caplog):
+    """The ControlNet's residuals are sized like the latent: with the latent in blocks, their sizes must
+    follow the blocks' symbols, not start a graph per resolution."""
+    sdpa = [{"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}]
+
+    def prompt(size, strength, compiled):
+        insert = [*sdpa, compile_node("on")] if compiled else sdpa
+        return T.graph("sd15", tiny_models, insert=insert, controlnet=strength, width=size[0], height=size[1],
+                       decode=False)
+
+    series = [((128, 128), 1.0), ((128, 192), 0.5), ((192, 128), 1.0), ((192, 320), 0.25)]
+    with caplog.at_level("INFO", logger="diffboost"):
+        check_series(comfy_host, {f"{w}x{h}, ControlNet {s}": (prompt((w, h), s, True), prompt((w, h), s, False))
+                                  for (w, h), s in series}, outputs_differ=False)
+    assert "the latent goes in as 8x8 blocks" in caplog.text and "does not split" not in caplog.text
 
 
 # ----------------------------------------------------------------------------------- attention patch
