@@ -17,7 +17,7 @@ Each variant reports its first call, ms per call (median of 5 rounds of 10 calls
 error against eager, and for the dynamic ones the graphs compiled while the size moves through
 832x1216, 768x512, 512x768 and a batch of 4 (two images with CFG; 0 means no recompilation). One JSON line per variant.
 `--index-math` counts the run-time divisions in the generated kernels (it runs on the CPU too);
-`--stacks-every N` prints the stacks every N seconds, to see where a compile that does not end is."""
+`--stacks-every N` prints the main thread's stack every N seconds, to see where a compile that does not end is."""
 
 from __future__ import annotations
 
@@ -63,6 +63,14 @@ def call_inputs(device, dtype, h: int, w: int, batch: int = 2):
     return x.contiguous(memory_format=torch.channels_last), t, c, y
 
 
+def sampler_call(m):
+    """m called as the sampler calls it: with a new transformer_options each call. The UNet writes
+    into it, and writing into forward's shared default {} would fail a guard at the next call."""
+    def call(x, t, c, y):
+        return m(x, t, context=c, y=y, transformer_options={})
+    return call
+
+
 def variant_fn(name: str, m, settings: dict):
     """The variant's compiled call, traced as Compile Model traces: duck sizing off, so that a square
     latent's height and width stay two symbols and another aspect ratio does not recompile. The
@@ -70,13 +78,8 @@ def variant_fn(name: str, m, settings: dict):
     from diffboost.backends.inductor import without_duck_sizing
     from diffboost.backends.latent_blocks import LatentInBlocks, as_blocks
 
-    # A new transformer_options each call, as the sampler passes: the UNet writes into it, and
-    # writing into forward's shared default {} would fail a guard and recompile at the next call.
-    def plain(x, t, c, y):
-        return m(x, t, context=c, y=y, transformer_options={})
-
     if name in ("static", "dynamic"):
-        return without_duck_sizing(torch.compile(plain, dynamic=name == "dynamic", options=settings))
+        return without_duck_sizing(torch.compile(sampler_call(m), dynamic=name == "dynamic", options=settings))
     compiled = without_duck_sizing(torch.compile(LatentInBlocks(m), dynamic=True, options=settings))
 
     def call(x, t, c, y):
@@ -153,7 +156,7 @@ def main() -> None:
     p.add_argument("--index-math", action="store_true",
                    help="count the floor divisions and modulos in the code inductor generates for each variant")
     p.add_argument("--stacks-every", type=float, default=0,
-                   help="print every thread's stack to stderr every N seconds: where a long compile spends its time")
+                   help="print the main thread's stack to stderr every N seconds: where a long compile spends its time")
     a = p.parse_args()
     from diffboost.backends.inductor import inductor_settings
     from diffboost.backends.modes import parse_mode
@@ -170,8 +173,8 @@ def main() -> None:
     m = unet(a.depth, device, dtype)
     args = call_inputs(device, dtype, side, side)
     with torch.no_grad():
-        ref = m(args[0], args[1], context=args[2], y=args[3]).float()
-        eager = timed(lambda x, t, c, y: m(x, t, context=c, y=y, transformer_options={}), args)
+        ref = sampler_call(m)(*args).float()
+        eager = timed(sampler_call(m), args)
     rows = [{"variant": "eager", "ms": round(eager[1], 3), "rounds": [round(v, 3) for v in eager[2]],
              "depth": a.depth, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
              "torch": torch.__version__}]

@@ -99,7 +99,6 @@ def test_blocks_take_the_run_time_divisions_out_of_the_generated_code():
     x = torch.randn(2, 4, 32, 48)
     torch._dynamo.reset()
     plain = without_duck_sizing(torch.compile(model, dynamic=True))
-    torch._dynamo.reset()
     in_blocks = without_duck_sizing(torch.compile(LatentInBlocks(model), dynamic=True))
     plain_divisions = _floor_divisions(plain, x)
     block_divisions = _floor_divisions(in_blocks, as_blocks(x))

@@ -40,12 +40,16 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+# ComfyUI's attention as on a GPU: torch SDPA, one graph for the denoiser.
+SDPA = [{"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}]
+
+
 @pytest.fixture(params=["sdpa", "comfy-cpu"])
 def attention(request) -> list[dict]:
     """The MODEL-path nodes that choose attention. "sdpa": torch SDPA, as ComfyUI uses on a GPU, so the
     denoiser compiles as one graph. "comfy-cpu": what ComfyUI picks on a CPU (sub-quadratic attention,
     which asks for free memory on each call: a graph break per attention, many small graphs)."""
-    return [{"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}] if request.param == "sdpa" else []
+    return SDPA if request.param == "sdpa" else []
 
 
 def compile_node(dynamic: str = "auto", mode: str = "O2") -> dict:
@@ -171,11 +175,10 @@ BLOCK_SIZES = [(128, 128), (128, 192), (192, 128), (192, 320)]
 def test_dynamic_compile_with_the_latent_in_blocks_serves_every_size_and_batch(comfy_host, tiny_models, arch,
                                                                              caplog):
     """SDXL's UNet downsamples twice (where the blocks keep the sizes exact), SD3 patchifies."""
-    sdpa = [{"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}]
     shapes = [(w, h, 1) for w, h in BLOCK_SIZES] + [(*BLOCK_SIZES[0], 2)]
 
     def prompt(width, height, batch, compiled):
-        insert = [*sdpa, compile_node("on")] if compiled else sdpa
+        insert = [*SDPA, compile_node("on")] if compiled else SDPA
         return T.graph(arch, tiny_models, insert=insert, width=width, height=height, batch_size=batch, decode=False)
 
     cases = {f"{w}x{h} batch {b}": (prompt(w, h, b, True), prompt(w, h, b, False)) for w, h, b in shapes}
@@ -301,10 +304,9 @@ def test_compile_model_rerun_by_an_upstream_lora_change_reuses_its_graphs(comfy_
 
 def test_frozen_compile_is_rebuilt_for_an_upstream_lora_change(comfy_host, tiny_models):
     """With freezing the weights are constants of the graphs: a new LoRA needs new graphs, not the old ones."""
-    sdpa = [{"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}]
 
     def prompt(strength, compiled):
-        insert = [*sdpa, compile_node(mode="O2:freezing")] if compiled else sdpa
+        insert = [*SDPA, compile_node(mode="O2:freezing")] if compiled else SDPA
         return T.graph("sd15", tiny_models, insert=insert, lora=strength, decode=False)
 
     first = first_compile(comfy_host, prompt(1.0, True))
@@ -332,10 +334,9 @@ def test_controlnet_with_a_dynamic_compile_follows_the_resolution_without_recomp
                                                                                      caplog):
     """The ControlNet's residuals are sized like the latent: with the latent in blocks, their sizes must
     follow the blocks' symbols, not start a graph per resolution."""
-    sdpa = [{"class_type": "DiffBoostTest_SdpaAttention", "inputs": {}}]
 
     def prompt(size, strength, compiled):
-        insert = [*sdpa, compile_node("on")] if compiled else sdpa
+        insert = [*SDPA, compile_node("on")] if compiled else SDPA
         return T.graph("sd15", tiny_models, insert=insert, controlnet=strength, width=size[0], height=size[1],
                        decode=False)
 
