@@ -73,14 +73,18 @@ def sampler_call(m):
 
 def variant_fn(name: str, m, settings: dict):
     """The variant's compiled call, traced as Compile Model traces: duck sizing off, so that a square
-    latent's height and width stay two symbols and another aspect ratio does not recompile. The
-    blocks are Compile Model's own (backends/latent_blocks.py)."""
-    from diffboost.backends.inductor import without_duck_sizing
+    latent's height and width stay two symbols and another aspect ratio does not recompile, and
+    floats as constants, so that the model is traced once. The blocks are Compile Model's own
+    (backends/latent_blocks.py)."""
+    from diffboost.backends.inductor import with_floats_as_constants, without_duck_sizing
+
+    def traced(fn):
+        return without_duck_sizing(with_floats_as_constants(fn))
     from diffboost.backends.latent_blocks import LatentInBlocks, as_blocks
 
     if name in ("static", "dynamic"):
-        return without_duck_sizing(torch.compile(sampler_call(m), dynamic=name == "dynamic", options=settings))
-    compiled = without_duck_sizing(torch.compile(LatentInBlocks(m), dynamic=True, options=settings))
+        return traced(torch.compile(sampler_call(m), dynamic=name == "dynamic", options=settings))
+    compiled = traced(torch.compile(LatentInBlocks(m), dynamic=True, options=settings))
 
     def call(x, t, c, y):
         return compiled(as_blocks(x), t, context=c, y=y, transformer_options={})
