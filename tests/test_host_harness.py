@@ -141,6 +141,22 @@ def test_lora_and_controlnet_change_the_sd15_result(comfy_host, tiny_models):
     assert not torch.allclose(latents["plain"], latents["controlnet"])
 
 
+def test_the_sdxl_controlnet_loads_as_sdxls_and_changes_the_result(comfy_host, tiny_models):
+    latents = {}
+    for name, kwargs in (("plain", {}), ("controlnet", {"controlnet": 1.0})):
+        comfy_host.run_prompt(T.graph("sdxl", tiny_models, seed=11, key=f"sdxl_{name}", decode=False,
+                                      **kwargs)).check()
+        latents[name] = comfy_host.captured_latent(f"sdxl_{name}")
+    assert torch.isfinite(latents["controlnet"]).all()
+    assert not torch.allclose(latents["plain"], latents["controlnet"])
+
+    import comfy.controlnet
+
+    control = comfy.controlnet.load_controlnet(str(tiny_models.path("sdxl_controlnet")))
+    assert control.control_model.label_emb is not None  # SDXL's size/crop conditioning: detected as SDXL
+    assert control.control_model.input_blocks[0][0].in_channels == 4
+
+
 @pytest.mark.parametrize("arch", ["sdxl", "sd3", "pixart", "flux"])
 def test_each_architecture_samples_eager_in_process(comfy_host, tiny_models, arch):
     result = comfy_host.run_prompt(T.graph(arch, tiny_models, key=arch)).check()

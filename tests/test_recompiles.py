@@ -318,10 +318,11 @@ def test_frozen_compile_is_rebuilt_for_an_upstream_lora_change(comfy_host, tiny_
 
 # ---------------------------------------------------------------------------------------- ControlNet
 
-def test_controlnet_strength_and_on_off_do_not_recompile(comfy_host, tiny_models, attention):
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_controlnet_strength_and_on_off_do_not_recompile(comfy_host, tiny_models, attention, arch):
     def prompt(strength, compiled):
         insert = [*attention, compile_node()] if compiled else attention
-        return T.graph("sd15", tiny_models, insert=insert, controlnet=strength, decode=False)
+        return T.graph(arch, tiny_models, insert=insert, controlnet=strength, decode=False)
 
     series = [("ControlNet 1.0", 1.0), ("ControlNet 0.5", 0.5), ("no ControlNet", None),
               ("ControlNet 1.0 again", 1.0), ("no ControlNet again", None), ("ControlNet 0.25", 0.25)]
@@ -330,14 +331,15 @@ def test_controlnet_strength_and_on_off_do_not_recompile(comfy_host, tiny_models
                  new_variants=("no ControlNet",))
 
 
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_controlnet_with_a_dynamic_compile_follows_the_resolution_without_recompiling(comfy_host, tiny_models,
-                                                                                     caplog):
+                                                                                     caplog, arch):
     """The ControlNet's residuals are sized like the latent: with the latent in blocks, their sizes must
     follow the blocks' symbols, not start a graph per resolution."""
 
     def prompt(size, strength, compiled):
         insert = [*SDPA, compile_node("on")] if compiled else SDPA
-        return T.graph("sd15", tiny_models, insert=insert, controlnet=strength, width=size[0], height=size[1],
+        return T.graph(arch, tiny_models, insert=insert, controlnet=strength, width=size[0], height=size[1],
                        decode=False)
 
     series = [((128, 128), 1.0), ((128, 192), 0.5), ((192, 128), 1.0), ((192, 320), 0.25)]

@@ -17,6 +17,7 @@ vae4             vae/diffboost_tiny_taesd.safetensors                   VAELoade
 vae16            vae/diffboost_tiny_taesd16.safetensors                 VAELoader (16-channel: SD3, Flux)
 sd15_lora        loras/diffboost_tiny_sd15_lora.safetensors             LoraLoader / LoraLoaderModelOnly
 sd15_controlnet  controlnet/diffboost_tiny_sd15_controlnet.safetensors  ControlNetLoader
+sdxl_controlnet  controlnet/diffboost_tiny_sdxl_controlnet.safetensors  ControlNetLoader
 
 Every file is written on first use (TinyModels.path / .filename), seeded, so identical every session.
 
@@ -82,6 +83,7 @@ FILES = {  # name -> (model folder, file name)
     "vae16": ("vae", "diffboost_tiny_taesd16.safetensors"),
     "sd15_lora": ("loras", "diffboost_tiny_sd15_lora.safetensors"),
     "sd15_controlnet": ("controlnet", "diffboost_tiny_sd15_controlnet.safetensors"),
+    "sdxl_controlnet": ("controlnet", "diffboost_tiny_sdxl_controlnet.safetensors"),
 }
 FOLDERS = ("checkpoints", "diffusion_models", "vae", "loras", "controlnet")
 SEEDS = {name: i + 1 for i, name in enumerate(FILES)}
@@ -141,8 +143,8 @@ def make_state_dict(name: str) -> dict[str, torch.Tensor]:
         return _random(_taesd_shapes(4 if name == "vae4" else 16), seed, torch.float32)
     if name == "sd15_lora":
         return _sd15_lora(seed)
-    if name == "sd15_controlnet":
-        return _sd15_controlnet(seed)
+    if name in ("sd15_controlnet", "sdxl_controlnet"):
+        return _controlnet(name.removesuffix("_controlnet"), seed)
     raise KeyError(name)
 
 
@@ -163,11 +165,11 @@ def _sd15_lora(seed: int) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _sd15_controlnet(seed: int) -> dict[str, torch.Tensor]:
-    """An ldm-format ControlNet (`control_model.*`) with the tiny SD1.5 UNet's block layout."""
+def _controlnet(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    """An ldm-format ControlNet (`control_model.*`) with the tiny UNet's block layout (sd15 or sdxl)."""
     import comfy.cldm.cldm
 
-    cfg = {k: v for k, v in SD15.items() if k not in ("out_channels", "transformer_depth_output")}
+    cfg = {k: v for k, v in UNET_CONFIGS[arch].items() if k not in ("out_channels", "transformer_depth_output")}
     net = comfy.cldm.cldm.ControlNet(hint_channels=3, device=torch.device("meta"), **cfg)
     return {f"control_model.{k}": v for k, v in _random(_meta_shapes(net), seed, torch.float16).items()}
 
@@ -245,7 +247,8 @@ def graph(arch: str, models: TinyModels, *, insert: Insert | list[Insert] | None
     taking the upstream MODEL link (["id", 0]) and returning such a dict, or a list of them (chained
     in order, ids "10", "11", ...). The sampler takes MODEL from the last one (output 0).
     loader: "checkpoint" (sd15, sdxl default) or "unet" (UNETLoader, the DiTs' only choice).
-    lora / controlnet: strengths (SD1.5 only) to add LoraLoaderModelOnly / a ControlNet on an empty hint.
+    lora: a strength (SD1.5 only) to add LoraLoaderModelOnly. controlnet: a strength (SD1.5, SDXL) to add
+    the architecture's ControlNet on an empty hint.
     """
     loader = loader or ("checkpoint" if arch in ("sd15", "sdxl") else "unet")
     width, height = width or DEFAULT_SIZE[arch], height or DEFAULT_SIZE[arch]
@@ -279,7 +282,7 @@ def graph(arch: str, models: TinyModels, *, insert: Insert | list[Insert] | None
     positive, negative = [ids["positive"], 0], [ids["negative"], 0]
     if controlnet is not None:
         p[ids["controlnet_loader"]] = {"class_type": "ControlNetLoader", "inputs": {
-            "control_net_name": models.filename("sd15_controlnet")}}
+            "control_net_name": models.filename(f"{arch}_controlnet")}}
         p[ids["hint"]] = {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": 1,
                                                                  "color": 0x808080}}
         p[ids["controlnet_apply"]] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
