@@ -206,8 +206,9 @@ def with_floats_as_constants(compiled: Callable) -> Callable:
     attribute of a module (each norm's eps, each dropout's p) a symbol, has to fix them all to their
     values while tracing, and then traces the whole model again ("Restarting analysis due to
     _tensorify_python_scalars" in its log): SDXL's cold first call took 325 s with the second trace
-    and 218 s without it on an H200. A denoiser is called with no float that changes between calls
-    (sigmas and strengths arrive as tensors), so no recompile comes of the constants."""
+    and 218 s without it on an H200. ComfyUI calls a denoiser with no float that changes between
+    calls (sigmas and strengths arrive as tensors). A patch that keeps a Python float and changes it
+    recompiles for each new value; patches keep such values in tensors (as IP-Adapter packs do)."""
     import torch._dynamo.config as dynamo_config
 
     if not hasattr(dynamo_config, "specialize_float"):
