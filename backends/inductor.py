@@ -191,14 +191,7 @@ def without_duck_sizing(compiled: Callable) -> Callable:
     compile one symbol (a square latent's height and width), so every other aspect ratio recompiles."""
     from torch.fx.experimental import _config as shape_config
 
-    if not hasattr(shape_config, "use_duck_shape"):
-        return compiled
-
-    def call(*args, **kwargs):
-        with shape_config.patch(use_duck_shape=False):  # read when a frame is traced, i.e. inside the call
-            return compiled(*args, **kwargs)
-
-    return call
+    return _traced_with(compiled, shape_config, "use_duck_shape", False)
 
 
 def with_floats_as_constants(compiled: Callable) -> Callable:
@@ -211,11 +204,17 @@ def with_floats_as_constants(compiled: Callable) -> Callable:
     recompiles for each new value; patches keep such values in tensors (as IP-Adapter packs do)."""
     import torch._dynamo.config as dynamo_config
 
-    if not hasattr(dynamo_config, "specialize_float"):
+    return _traced_with(compiled, dynamo_config, "specialize_float", True)
+
+
+def _traced_with(compiled: Callable, config, setting: str, value) -> Callable:
+    """`compiled`, called with torch's `config.setting` patched to `value`; `compiled` itself where
+    this torch has no such setting."""
+    if not hasattr(config, setting):
         return compiled
 
     def call(*args, **kwargs):
-        with dynamo_config.patch(specialize_float=True):  # read when a frame is traced, i.e. inside the call
+        with config.patch(**{setting: value}):  # read when a frame is traced, i.e. inside the call
             return compiled(*args, **kwargs)
 
     return call

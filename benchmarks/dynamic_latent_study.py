@@ -77,10 +77,10 @@ def variant_fn(name: str, m, settings: dict):
     floats as constants, so that the model is traced once. The blocks are Compile Model's own
     (backends/latent_blocks.py)."""
     from diffboost.backends.inductor import with_floats_as_constants, without_duck_sizing
+    from diffboost.backends.latent_blocks import LatentInBlocks, as_blocks
 
     def traced(fn):
         return without_duck_sizing(with_floats_as_constants(fn))
-    from diffboost.backends.latent_blocks import LatentInBlocks, as_blocks
 
     if name in ("static", "dynamic"):
         return traced(torch.compile(sampler_call(m), dynamic=name == "dynamic", options=settings))

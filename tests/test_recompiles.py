@@ -342,7 +342,7 @@ def test_controlnet_with_a_dynamic_compile_follows_the_resolution_without_recomp
         return T.graph(arch, tiny_models, insert=insert, controlnet=strength, width=size[0], height=size[1],
                        decode=False)
 
-    series = [((128, 128), 1.0), ((128, 192), 0.5), ((192, 128), 1.0), ((192, 320), 0.25)]
+    series = list(zip(BLOCK_SIZES, (1.0, 0.5, 1.0, 0.25), strict=True))
     with caplog.at_level("INFO", logger="diffboost"):
         check_series(comfy_host, {f"{w}x{h}, ControlNet {s}": (prompt((w, h), s, True), prompt((w, h), s, False))
                                   for (w, h), s in series}, outputs_differ=False)
