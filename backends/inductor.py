@@ -13,6 +13,7 @@
 | benchmark       | run time: cudnn.benchmark (restored after)                                       |
 | regional        | each repeated block compiled once, reused by all its instances (stand-in tree)   |
 | fuse-rope       | graph pass: comfy_kitchen's RoPE ops become plain torch that inductor fuses      |
+| multi-kernel    | triton.multi_kernel=1 (persistent and looped reductions, the faster one kept)    |
 | channels_last   | layout_optimization, force_layout_optimization; 4-D inputs passed in channels_last |
 
 With `dynamic` on (whole-model compiles), the latent is passed as blocks of 8x8 (latent_blocks.py).
@@ -54,6 +55,8 @@ def inductor_settings(mode: CompileMode, memory_format: str = "preserve") -> dic
         s.update(fx_graph_cache=True, autotune_local_cache=True)
     if mode.jit:
         s.update(max_autotune=False, coordinate_descent_tuning=False)
+    if mode.multi_kernel:
+        s["triton.multi_kernel"] = 1
     if memory_format == "channels_last":
         # Forced: inductor's own heuristic declines channels-last convolutions whenever a size is
         # symbolic (pytorch#102670), so a `dynamic` UNet would otherwise run them all in NCHW.

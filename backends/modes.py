@@ -19,6 +19,8 @@ FLAGS = {
     "jit": "compile quickly with fewer optimisations",
     "disable-runtime-fusion": "do not fuse kernels at run time (nexfort only)",
     "regional": "compile each repeated block (transformer/residual block) once and reuse it: much shorter compile",
+    "multi-kernel": "let inductor write each normalisation (reduction) kernel two ways and keep the faster one at the "
+                    "first call (longer compile)",
     "fuse-rope": "compute the rotary embedding (RoPE) in the compiled graph, fused with its neighbours, instead of "
                  "calling comfy_kitchen's separate kernel (Flux and other DiTs with RoPE)",
 }
@@ -67,6 +69,7 @@ class CompileMode:
     disable_runtime_fusion: bool = False
     regional: bool = False
     fuse_rope: bool = False
+    multi_kernel: bool = False
     text: str = "default"
 
     def flags(self) -> list[str]:

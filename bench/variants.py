@@ -57,7 +57,8 @@ def select(spec: str | None) -> list[Variant]:
     (inductor) with any mode string, without or with Quantize FP8 before it. Both take Compile Model's
     other inputs as `;dynamic=on`, `;memory_format=channels_last`, `;fuse_qkv=1`, and `;conds=per-step`
     (ComfyUI's per-step conditioning copies left in place, for comparison); the latter also `;min=M`
-    (min_weights_millions) and `;skip=PATTERN` (one more ignore pattern, repeatable).
+    (min_weights_millions), `;skip=PATTERN` (one more ignore pattern, repeatable) and `;unskip=PATTERN`
+    (one of the default ignore patterns taken off the list, repeatable), `;fuse_gelu=0` (GELUs left to the model).
     Raises ValueError naming an unknown variant or a bad mode string."""
     wanted = names(default_only=True) if not spec else [s.strip() for s in spec.split(",") if s.strip()]
     for name in wanted:
@@ -145,22 +146,39 @@ register(Variant("comfy-fp8", "ComfyUI's native FP8 (fp8_e4m3fn weights, fp8_opt
 
 # --- diffboost FP8: registered once diffboost.quant offers a quantizer ---------------------------
 
-def _diffboost_fp8(mode: str | None, min_weights_millions: float | None = None, skip: tuple[str, ...] = (),
-                   compile_settings: dict | None = None):
+@dataclasses.dataclass(frozen=True)
+class Fp8Settings:
+    """Quantize FP8's inputs as a variant names them: `min=M`, `skip=PATTERN`, `unskip=PATTERN`, `fuse_gelu=0`."""
+
+    min_weights_millions: float | None = None  # None: the node's default
+    skip: tuple[str, ...] = ()  # added to the default ignore list
+    unskip: tuple[str, ...] = ()  # default ignore patterns taken off it
+    fuse_gelu: bool = True
+
+
+def _diffboost_fp8(mode: str | None, settings: Fp8Settings = Fp8Settings(), compile_settings: dict | None = None):
     def apply(base, bm):
         from ..backends import CompileOptions
         from ..nodes.patching import with_boost
-        from ..quant import DEFAULT_IGNORE, DEFAULT_MIN_WEIGHTS_MILLIONS, Fp8Quantizer, QuantConfig, choose_layers
+        from ..nodes.quantize_fp8 import CALLBACK_KEY, CALLBACKS
+        from ..quant import DEFAULT_MIN_WEIGHTS_MILLIONS, Fp8Quantizer, QuantConfig, choose_layers
 
-        ignore = ", ".join((DEFAULT_IGNORE, *skip))  # the node's defaults, plus the variant's own
-        minimum = DEFAULT_MIN_WEIGHTS_MILLIONS if min_weights_millions is None else min_weights_millions
-        config = QuantConfig.from_user("rowwise", ignore=ignore, min_weights_millions=minimum)
+        ignore = ", ".join(ignore_list(settings.skip, settings.unskip))
+        minimum = settings.min_weights_millions
+        minimum = DEFAULT_MIN_WEIGHTS_MILLIONS if minimum is None else minimum
+        config = QuantConfig.from_user("rowwise", ignore=ignore, fuse_gelu=settings.fuse_gelu,
+                                       min_weights_millions=minimum)
         summary = choose_layers(base.get_model_object("diffusion_model"), config).summary()
         changes = {"quantizer": Fp8Quantizer(config), "quantization": summary}
         if mode is not None:
             changes.update(compile_options=CompileOptions.from_user("inductor", mode, **(compile_settings or {})),
                            compile_label=f"{bm.name} diffusion model (bench)", compile_cache=compile_cache())
-        return with_boost(base, **changes)
+        m = with_boost(base, **changes)
+        # The node's callbacks: among them, the FP8 copies leave the GPU when the model does, so that
+        # the next variant's peak memory does not hold this one's.
+        for call_type, callback in CALLBACKS:
+            m.add_callback_with_key(call_type, CALLBACK_KEY, callback)
+        return m
 
     return apply
 
@@ -188,9 +206,25 @@ def _compile_settings(name: str, parts: list[str]) -> tuple[dict, list[str]]:
     return settings, rest
 
 
-def _fp8_settings(name: str, parts: list[str]) -> tuple[float | None, tuple[str, ...]]:
-    """`min=M` (Quantize FP8's min_weights_millions) and `skip=PATTERN` (added to the ignore list)."""
-    minimum, skip = None, []
+def ignore_list(skip: tuple[str, ...] = (), unskip: tuple[str, ...] = ()) -> list[str]:
+    """Quantize FP8's default ignore patterns without `unskip`, plus `skip`. Raises ValueError for an
+    `unskip` pattern that is not one of the defaults."""
+    from ..quant import DEFAULT_IGNORE
+    from ..quant.config import parse_patterns
+
+    defaults = parse_patterns(DEFAULT_IGNORE)
+    unknown = [p for p in unskip if p not in defaults]
+    if unknown:
+        raise ValueError(f"unskip={unknown[0]} is not one of Quantize FP8's default ignore patterns: "
+                         f"{', '.join(defaults)}")
+    return [p for p in defaults if p not in unskip] + list(skip)
+
+
+def _fp8_settings(name: str, parts: list[str]) -> Fp8Settings:
+    """`min=M` (Quantize FP8's min_weights_millions), `skip=PATTERN` (added to the ignore list),
+    `unskip=PATTERN` (one of the default ignore patterns, taken off it) and `fuse_gelu=0` (FP8 layers
+    leave the GELU in front of them to the model)."""
+    minimum, skip, unskip, fuse_gelu = None, [], [], True
     for part in parts:
         key, _, value = part.partition("=")
         if key == "min":
@@ -200,10 +234,19 @@ def _fp8_settings(name: str, parts: list[str]) -> tuple[float | None, tuple[str,
                 raise ValueError(f"variant '{name}': min={value} is not a number of millions of weights") from None
         elif key == "skip" and value:
             skip.append(value)
+        elif key == "unskip" and value:
+            unskip.append(value)
+        elif key == "fuse_gelu" and value in ("0", "1"):
+            fuse_gelu = value == "1"
         else:
-            raise ValueError(f"variant '{name}': '{part}' is none of min=MILLIONS, skip=PATTERN, "
+            raise ValueError(f"variant '{name}': '{part}' is none of min=MILLIONS, skip=PATTERN, unskip=PATTERN, "
+                             "fuse_gelu=0|1, "
                              f"{', '.join(k + '=VALUE' for k in COMPILE_SETTINGS)}")
-    return minimum, tuple(skip)
+    try:
+        ignore_list(tuple(skip), tuple(unskip))
+    except ValueError as e:
+        raise ValueError(f"variant '{name}': {e}") from None
+    return Fp8Settings(minimum, tuple(skip), tuple(unskip), fuse_gelu)
 
 
 def _conditioning_per_step(apply):
@@ -240,14 +283,14 @@ def _custom_mode_variant(name: str) -> Variant:
         variant = Variant(name, f"diffboost Compile Model, backend inductor, mode {mode}{extra}", apply=apply,
                           graph=graph, default=False, cached=True)
     elif kind == "diffboost-fp8":
-        minimum, skip = _fp8_settings(name, settings)
         variant = Variant(name, f"diffboost Quantize FP8 then Compile Model, mode {mode}{extra}",
-                          apply=_diffboost_fp8(mode, minimum, skip, compile_settings),
+                          apply=_diffboost_fp8(mode, _fp8_settings(name, settings), compile_settings),
                           unavailable=_fp8_unavailable, default=False, cached=True)
     else:
         raise ValueError(f"variant '{name}': only diffboost=MODE[;dynamic=on|off|auto]"
                          "[;memory_format=channels_last][;fuse_qkv=1] and diffboost-fp8=MODE[;min=M]"
-                         "[;skip=PATTERN][;...the same] take a mode; both also [;conds=per-step]")
+                         "[;skip=PATTERN][;unskip=PATTERN][;fuse_gelu=0][;...the same] take a mode; "
+                         "both also [;conds=per-step]")
     if not per_step:
         return variant
     # In process only: a server graph has no input that leaves the per-step copies in place.

@@ -1,6 +1,7 @@
 """Host-agnostic FP8 quantization: the config, FP8 numerics and Fp8Linear, layer selection and the
 quantized stand-in for a model. Knows nothing of ComfyUI."""
 
+from . import kernels  # noqa: F401 - registers the torch op diffboost::gelu_quantize_rows that Fp8Linear calls
 from .config import DEFAULT_IGNORE, DEFAULT_MIN_FEATURES, DEFAULT_MIN_WEIGHTS_MILLIONS, LABELS, QUANT_TYPES, QuantConfig
 from .device import Fp8Unavailable, choose_kernel, fp8_matmul_missing
 from .fp8 import Fp8Linear, dequantize, quantize, quantize_weight

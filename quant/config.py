@@ -129,11 +129,12 @@ class QuantConfig:
     ignore: tuple[str, ...] = ()
     submodules: tuple[tuple[str, str | None], ...] = ()  # from the JSON file; see load_submodule_settings
     allow_reference_path: bool = False  # run the slow dequantize-and-matmul path where FP8 matmuls are missing
+    fuse_gelu: bool = True  # an FP8 layer takes over the tanh-GELU in front of it (see fuse_gelu.py)
 
     @classmethod
     def from_user(cls, quant_type: str, min_features: int = DEFAULT_MIN_FEATURES, keep_first_last: bool = True,
                   ignore: str = "", config_path: str | Path = "", allow_reference_path: bool = False,
-                  min_weights_millions: float = DEFAULT_MIN_WEIGHTS_MILLIONS) -> QuantConfig:
+                  min_weights_millions: float = DEFAULT_MIN_WEIGHTS_MILLIONS, fuse_gelu: bool = True) -> QuantConfig:
         """Check and build a config from the node's inputs. Raises ConfigError."""
         try:
             min_features = int(min_features)
@@ -148,7 +149,7 @@ class QuantConfig:
         submodules = load_submodule_settings(config_path) if str(config_path).strip() else ()
         return cls(quant_type=parse_quant_type(quant_type), min_features=min_features, min_weights=min_weights,
                    keep_first_last=bool(keep_first_last), ignore=parse_patterns(ignore),
-                   submodules=submodules, allow_reference_path=bool(allow_reference_path))
+                   submodules=submodules, allow_reference_path=bool(allow_reference_path), fuse_gelu=bool(fuse_gelu))
 
     @property
     def label(self) -> str:

@@ -32,6 +32,14 @@ def quantize(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Ten
     return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
+def gelu_tail(x: torch.Tensor, gelu_from: int) -> torch.Tensor:
+    """`x` in float32 with the tanh-GELU applied to its last dimension's entries from `gelu_from` on."""
+    x = x.float()
+    if gelu_from <= 0:
+        return F.gelu(x, approximate="tanh")
+    return torch.cat([x[..., :gelu_from], F.gelu(x[..., gelu_from:], approximate="tanh")], dim=-1)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.float() * scale).to(dtype)
 
@@ -59,6 +67,9 @@ class Fp8Linear(torch.nn.Module):
         self.quant_type = quant_type
         self.allow_reference_path = allow_reference_path
         self.kernel = ""  # 'scaled_mm', 'reference' or 'weight_only'; set by refresh
+        # Set when the stand-in took over the tanh-GELU in front of this layer: applied to the input's
+        # features from this one on (0: all), in one pass with the activation's quantization.
+        self.gelu_from: int | None = None
         self.ready = False
         self._seen: tuple | None = None  # what the FP8 buffers were made from
         for name in ("weight_fp8", "weight_scale", "bias"):
@@ -74,7 +85,8 @@ class Fp8Linear(torch.nn.Module):
         return self._source.weight
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, quant_type={self.quant_type}"
+        gelu = "" if self.gelu_from is None else f", gelu_from={self.gelu_from}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, quant_type={self.quant_type}{gelu}"
 
     def __deepcopy__(self, memo):
         return self  # ModelPatcher.clone deep-copies model_options; a stand-in must keep viewing the shared source
@@ -133,11 +145,16 @@ class Fp8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():  # compiled graphs get refreshed layers from the stand-in's root
             self.refresh(x.device)
-        if self.kernel == "weight_only":
-            return F.linear(x, dequantize(self.weight_fp8, self.weight_scale, x.dtype), _cast(self.bias, x.dtype))
-        granularity = GRANULARITY[self.quant_type]
         rows = x.reshape(-1, self.in_features)
-        xq, x_scale = quantize(rows, granularity)
+        if self.gelu_from is not None and self.kernel != "weight_only" and self.quant_type == "rowwise":
+            xq, x_scale = torch.ops.diffboost.gelu_quantize_rows(rows, self.gelu_from)  # quant/kernels.py
+        else:
+            if self.gelu_from is not None:
+                rows = gelu_tail(rows, self.gelu_from).to(x.dtype)
+            if self.kernel == "weight_only":
+                out = F.linear(rows, dequantize(self.weight_fp8, self.weight_scale, x.dtype), _cast(self.bias, x.dtype))
+                return out.reshape(*x.shape[:-1], self.out_features)
+            xq, x_scale = quantize(rows, GRANULARITY[self.quant_type])
         if self.kernel == "scaled_mm":
             out = self._scaled_mm(xq, x_scale, x.dtype)
         else:  # reference: the same quantized operands, multiplied in the compute dtype

@@ -1,6 +1,9 @@
 """The quantized stand-in for a model: a structural copy in which the chosen Linear layers are
 Fp8Linear modules and every other module, parameter and buffer is the very object of the original.
 
+Where an FP8 layer takes over the tanh-GELU in front of it (fuse_gelu.py), the stand-in has an
+Identity in the GELU's place.
+
 The original is never changed, so other clones that share it keep running in full precision. The
 Fp8Linears read their source layers' current weights, so weight patches made on the original
 (LoRA, applied by ComfyUI when it loads the model) are quantized at the next call.
@@ -15,6 +18,7 @@ import torch
 from ..backends.standin import replace_submodules
 from .config import QuantConfig
 from .fp8 import Fp8Linear
+from .fuse_gelu import gelu_handovers
 from .select import Selection, choose_layers
 
 _QUANTIZED_CLASSES: dict[type, type] = {}
@@ -46,11 +50,17 @@ def quantized_standin(root: torch.nn.Module, config: QuantConfig,
     if not plan:
         return root
     layers: list[Fp8Linear] = []
+    handovers = gelu_handovers(root, plan) if config.fuse_gelu else {}
+    taken_over = {act for act, _ in handovers.values()}
 
     def swap(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
+        if name in taken_over:
+            return torch.nn.Identity()  # the FP8 layer after it applies this GELU
         if name not in plan:
             return None
         layer = Fp8Linear(module, plan[name], allow_reference_path=config.allow_reference_path)
+        if name in handovers:
+            layer.gelu_from = handovers[name][1]
         layers.append(layer)
         return layer
 

@@ -100,9 +100,15 @@ def test_server_prompts_put_the_variant_between_checkpoint_and_benchmark_sampler
 def test_custom_variants_take_a_mode_and_fp8_layer_settings():
     chosen = variants.select("diffboost=O2:benchmark,diffboost-fp8=O3;min=2;skip=*.txt_*;skip=txt_in")
     assert [v.name for v in chosen] == ["diffboost=O2:benchmark", "diffboost-fp8=O3;min=2;skip=*.txt_*;skip=txt_in"]
-    assert variants._fp8_settings("v", ["min=2.5", "skip=*.txt_*", "skip=txt_in"]) == (2.5, ("*.txt_*", "txt_in"))
+    assert variants._fp8_settings("v", ["min=2.5", "skip=*.ff.*", "unskip=*.txt_*", "unskip=txt_in"]) == (
+        variants.Fp8Settings(2.5, ("*.ff.*",), ("*.txt_*", "txt_in"), fuse_gelu=True))
+    assert not variants._fp8_settings("v", ["fuse_gelu=0"]).fuse_gelu
+    ignore = variants.ignore_list(("*.ff.*",), ("*.txt_*", "*_mod.lin"))
+    assert "*.ff.*" in ignore and "txt_in" in ignore and "*.txt_*" not in ignore and "*_mod.lin" not in ignore
     for bad, message in (("diffboost-fp8=O3;min=lots", "min=lots is not a number"),
-                         ("diffboost-fp8=O3;fast", "'fast' is none of min=MILLIONS, skip=PATTERN, dynamic=VALUE"),
+                         ("diffboost-fp8=O3;fast", "'fast' is none of min=MILLIONS, skip=PATTERN, unskip=PATTERN, "
+                                                   r"fuse_gelu=0\|1"),
+                         ("diffboost-fp8=O3;unskip=*.ff.*", r"unskip=\*.ff.\* is not one of Quantize FP8's default"),
                          ("diffboost=O2;min=2", r"only diffboost=MODE\[;dynamic"),
                          ("diffboost=O2;dynamic=sometimes", "dynamic 'sometimes' is not one of auto, on, off"),
                          ("diffboost=warp-speed", "variant 'diffboost=warp-speed'")):

@@ -46,6 +46,7 @@ def test_inductor_settings_follow_the_flags():
     assert s["max_autotune"] and s["coordinate_descent_tuning"] and s["conv_1x1_as_mm"] and s["freezing"]
     assert s["triton.cudagraphs"] and s["epilogue_fusion"] is False and s["layout_optimization"]
     assert inductor_settings(parse_mode("default")) == {}
+    assert inductor_settings(parse_mode("O3:multi-kernel"))["triton.multi_kernel"] == 1
 
 
 @pytest.mark.parametrize("text, message", [
