@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .config import SHORT_NAMES, QuantConfig, name_matches
+from .fuse_gelu import gelu_handovers
 
 QUANTIZABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Top-level names of the input embedding and output projection in ComfyUI's UNets and DiTs.
@@ -41,6 +42,8 @@ class Selection:
     layers: tuple[LayerChoice, ...]
     min_features: int = 0
     min_weights: int = 0
+    # (FP8 layer, the tanh-GELU module it takes over, first input feature the GELU applies to): fuse_gelu.py
+    gelu_handovers: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def quantized(self) -> dict[str, str]:
@@ -73,6 +76,9 @@ class Selection:
             by_type[t] = by_type.get(t, 0) + 1
         if len(by_type) > 1:
             lines.append("By type: " + ", ".join(f"{SHORT_NAMES[t]} {n}" for t, n in sorted(by_type.items())))
+        if self.gelu_handovers:
+            lines.append(f"{len(self.gelu_handovers)} of them compute the tanh-GELU in front of them together with "
+                         "their activation's quantization, in one pass.")
         groups: dict[str, list[str]] = {}
         for c in self.kept:
             groups.setdefault(c.reason, []).append(c.name)
@@ -106,7 +112,11 @@ def choose_layers(root: torch.nn.Module, config: QuantConfig) -> Selection:
     choices = []
     for name, m in linears:
         choices.append(LayerChoice(name, m.in_features, m.out_features, *_decide(name, m, config, edges)))
-    return Selection(tuple(choices), config.min_features, config.min_weights)
+    selection = Selection(tuple(choices), config.min_features, config.min_weights)
+    if not config.fuse_gelu:
+        return selection
+    handovers = gelu_handovers(root, selection.quantized)
+    return replace(selection, gelu_handovers=tuple((layer, act, start) for layer, (act, start) in handovers.items()))
 
 
 def _decide(name: str, m: torch.nn.Linear, config: QuantConfig, edges: set[str]) -> tuple[str | None, str]:

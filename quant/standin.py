@@ -18,7 +18,6 @@ import torch
 from ..backends.standin import replace_submodules
 from .config import QuantConfig
 from .fp8 import Fp8Linear
-from .fuse_gelu import gelu_handovers
 from .select import Selection, choose_layers
 
 _QUANTIZED_CLASSES: dict[type, type] = {}
@@ -50,8 +49,8 @@ def quantized_standin(root: torch.nn.Module, config: QuantConfig,
     if not plan:
         return root
     layers: list[Fp8Linear] = []
-    handovers = gelu_handovers(root, plan) if config.fuse_gelu else {}
-    taken_over = {act for act, _ in handovers.values()}
+    handovers = {layer: start for layer, _, start in selection.gelu_handovers}
+    taken_over = {act for _, act, _ in selection.gelu_handovers}
 
     def swap(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
         if name in taken_over:
@@ -60,7 +59,7 @@ def quantized_standin(root: torch.nn.Module, config: QuantConfig,
             return None
         layer = Fp8Linear(module, plan[name], allow_reference_path=config.allow_reference_path)
         if name in handovers:
-            layer.gelu_from = handovers[name][1]
+            layer.gelu_from = handovers[name]
         layers.append(layer)
         return layer
 

@@ -25,7 +25,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def seeded(net: torch.nn.Module) -> torch.nn.Module:
-    """N(0, 1/fan_in) matrices, unit norm weights, small biases: activations stay O(1)."""
+    """N(0, 1/fan_in) matrices, unit norm weights, small biases and buffers: activations stay O(1)."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -35,6 +35,9 @@ def seeded(net: torch.nn.Module) -> torch.nn.Module:
                 p.fill_(1.0)
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for b in net.buffers():  # ComfyUI's modules leave some uninitialised (SD3's position embedding)
+            if b.is_floating_point():
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
     return net.eval()
 
 
@@ -106,6 +109,26 @@ def test_fp8_layers_take_over_the_tanh_gelu_in_front_of_them(comfy_host, arch, e
     # and both as close to the full-precision model as FP8 allows.
     assert rel_error(out_fused, out_unfused) < 1e-5
     assert 1e-4 < rel_error(out_fused, full) < 0.1
+
+
+def test_quantize_fp8_on_sd3_says_which_layers_took_over_their_gelu_and_samples(comfy_host, tiny_models):
+    from helpers import tiny_models as T
+
+    def quantize(fuse_gelu):
+        inputs = {"min_features": 16, "min_weights_millions": 0.0, "allow_reference_path": True}
+        if not fuse_gelu:  # the node's default ignore list, plus the two MLPs' second layer
+            from diffboost.quant import DEFAULT_IGNORE
+            inputs["ignore"] = DEFAULT_IGNORE + ", *.x_block.mlp.fc2"
+        return lambda link: comfy_host.node("DiffBoostQuantizeFP8", model=link, **inputs)
+
+    texts, latents = {}, {}
+    for fuse in (True, False):
+        prompt = T.graph("sd3", tiny_models, insert=quantize(fuse), decode=False)
+        result = comfy_host.run_prompt(prompt, fresh=True).check()
+        texts[fuse], latents[fuse] = result.outputs["10"]["text"][0], comfy_host.captured_latent().clone()
+    assert "2 of them compute the tanh-GELU in front of them" in texts[True]
+    assert "tanh-GELU" not in texts[False]  # with the layers after the GELUs kept, nothing is handed over
+    assert torch.isfinite(latents[True]).all() and not torch.equal(latents[True], latents[False])
 
 
 def test_the_fused_op_compiles_into_the_graph_without_a_break(comfy_host):
