@@ -75,8 +75,8 @@ def _ops():
     return comfy.ops.disable_weight_init
 
 
-def standin(net, fuse_gelu: bool):
-    config = QuantConfig.from_user("rowwise", ignore=DEFAULT_IGNORE, min_features=16, min_weights_millions=0,
+def standin(net, fuse_gelu: bool, quant_type: str = "rowwise"):
+    config = QuantConfig.from_user(quant_type, ignore=DEFAULT_IGNORE, min_features=16, min_weights_millions=0,
                                    allow_reference_path=True, fuse_gelu=fuse_gelu)
     return quantized_standin(net, config)
 
@@ -145,6 +145,16 @@ def test_the_fused_op_compiles_into_the_graph_without_a_break(comfy_host):
             assert rel_error(out, q(**kwargs, transformer_options={})) < 1e-5
             counts[fuse] = counter.frame_count
     assert counts[True] == counts[False], counts  # the op adds no graph break
+
+
+@pytest.mark.parametrize("quant_type", ["tensorwise", "weight_only"])
+def test_the_other_quant_types_apply_the_gelu_they_took_over_before_quantizing(comfy_host, quant_type):
+    net, kwargs = comfy_sd3()
+    with torch.no_grad():
+        fused, unfused = standin(net, True, quant_type), standin(net, False, quant_type)
+        assert fused_layers(fused) and not fused_layers(unfused)
+        out_fused, out_unfused = fused(**kwargs, transformer_options={}), unfused(**kwargs, transformer_options={})
+    assert rel_error(out_fused, out_unfused) < 1e-5
 
 
 def test_only_the_tanh_gelu_right_before_the_layer_is_taken_over():
