@@ -46,6 +46,31 @@ TWO_SIZES = textwrap.dedent("""
 """)
 
 
+# An FP8 stand-in whose layers took over the GELU in front of them: the compiled graph calls
+# diffboost's own op (diffboost::gelu_quantize_rows), which the cached artifacts must carry too.
+FP8_CHILD = textwrap.dedent("""
+    import json, sys, torch
+    from diffboost.backends import CompileCache, CompileOptions, compile_module
+    from diffboost.quant import Fp8Linear, QuantConfig, quantized_standin
+    torch.manual_seed(0)
+    block = lambda: torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(approximate="tanh"),
+                                        torch.nn.Linear(256, 64))
+    model = torch.nn.Sequential(*[block() for _ in range(3)]).eval()
+    config = QuantConfig.from_user("rowwise", min_features=16, min_weights_millions=0, allow_reference_path=True)
+    standin = quantized_standin(model, config)
+    fused = sum(isinstance(m, Fp8Linear) and m.gelu_from == 0 for m in standin.modules())
+    compiled = compile_module(standin, CompileOptions.from_user("inductor", "default", dynamic="off"),
+                              cache=CompileCache(sys.argv[1]))
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        err = float((compiled(x) - standin(x)).abs().max())
+    inductor = torch._dynamo.utils.counters["inductor"]
+    print(json.dumps({**compiled.stats.as_dict(), "err": err, "fused": fused,
+                      "fxgraph_cache_hit": inductor["fxgraph_cache_hit"],
+                      "fxgraph_cache_miss": inductor["fxgraph_cache_miss"]}))
+""")
+
+
 def run_child(cache_dir, inductor_dir, code=CHILD):
     # Saved graphs off: these tests are about torch's artifacts, which serve whatever no saved graph
     # runs (graph breaks, block-by-block compiles, other inputs); tests/test_saved_graph.py has those.
@@ -123,3 +148,13 @@ def test_command_line(tmp_path, action):
     out = subprocess.run([sys.executable, "-m", "diffboost.backends.cache", action, str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
     assert ("removed 1 file" in out) if action == "clear" else ("x.torchcache" in out)
+
+
+def test_a_second_process_loads_an_fp8_graph_with_the_gelu_handed_over_from_the_cache(tmp_path):
+    cache_dir = tmp_path / "cache"
+    cold = run_child(cache_dir, tmp_path / "inductor-a", FP8_CHILD)
+    assert cold["fused"] == 2 and cold["err"] < 1e-5, cold  # the last block's second layer is the output: kept
+    assert cold["cache"] == "miss" and cold["fxgraph_cache_miss"] >= 1, cold
+    warm = run_child(cache_dir, tmp_path / "inductor-b", FP8_CHILD)  # a new, empty inductor cache
+    assert warm["cache"] == "hit" and warm["err"] < 1e-5, warm
+    assert warm["fxgraph_cache_hit"] >= 1 and warm["fxgraph_cache_miss"] == 0, warm
