@@ -5,7 +5,6 @@ Flux modules, that the stand-in computes what the unfused one does, and the Trit
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -25,19 +24,11 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def seeded(net: torch.nn.Module) -> torch.nn.Module:
-    """N(0, 1/fan_in) matrices, unit norm weights, small biases and buffers: activations stay O(1)."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.empty(p.shape).normal_(0, 1 / math.sqrt(math.prod(p.shape[1:])), generator=g))
-            elif name.endswith(("weight", "scale")):
-                p.fill_(1.0)
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        for b in net.buffers():  # ComfyUI's modules leave some uninitialised (SD3's position embedding)
-            if b.is_floating_point():
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    """`net` with the tiny checkpoints' seeded weights (every parameter and buffer: ComfyUI's modules
+    leave some uninitialised, such as SD3's position embedding)."""
+    from helpers import tiny_models as T
+
+    net.load_state_dict(T._random(T._meta_shapes(net), seed=0, dtype=torch.float32))
     return net.eval()
 
 
