@@ -14,6 +14,8 @@
 | regional        | each repeated block compiled once, reused by all its instances (stand-in tree)   |
 | fuse-rope       | graph pass: comfy_kitchen's RoPE ops become plain torch that inductor fuses      |
 | multi-kernel    | triton.multi_kernel=1 (persistent and looped reductions, the faster one kept)    |
+| skip-rewrites   | pattern_matcher=False (no pattern-matching passes on the traced graph)            |
+| match-eager     | emulate_precision_casts (fused kernels round each step to fp16/bf16 as eager does) |
 | channels_last   | layout_optimization, force_layout_optimization; 4-D inputs passed in channels_last |
 
 With `dynamic` on (whole-model compiles), the latent is passed as blocks of 8x8 (latent_blocks.py).
@@ -57,6 +59,10 @@ def inductor_settings(mode: CompileMode, memory_format: str = "preserve") -> dic
         s.update(max_autotune=False, coordinate_descent_tuning=False)
     if mode.multi_kernel:
         s["triton.multi_kernel"] = 1
+    if mode.skip_rewrites:
+        s["pattern_matcher"] = False
+    if mode.match_eager:
+        s["emulate_precision_casts"] = True
     if memory_format == "channels_last":
         # Forced: inductor's own heuristic declines channels-last convolutions whenever a size is
         # symbolic (pytorch#102670), so a `dynamic` UNet would otherwise run them all in NCHW.

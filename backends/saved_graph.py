@@ -39,6 +39,7 @@ from .standin import replace_submodules
 log = logging.getLogger("diffboost")
 
 LOAD_TIMER = "diffboost.load_saved_graph"  # among torch's compile timers, read by measure/compile_phases.py
+SAVE_TIMER = "diffboost.save_saved_graph"  # writing a new graph and loading it back, after its compile
 NOT_HANDLED = object()  # what `SavedGraphs.call` returns when the usual compile must run the call
 _LOADED: dict[str, object] = {}  # file name -> loaded function: every model of that layout in this process shares it
 _UNSAVEABLE: set[str] = set()  # file names whose call could not be saved in this process: not tried again
@@ -215,12 +216,13 @@ class SavedGraphs:
         path = self.path(digest)
         try:
             fn = _compile_ahead(type(root).forward, ((root, *args), kwargs), self._backend, self._saveable_guards)
-            self._root.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            fn.save_compiled_function(str(tmp))
-            tmp.replace(path)  # atomic: a reader never sees half a file
-            data = path.read_bytes()
-            fn = _deserialize(data, self._settings)
+            with _timed(SAVE_TIMER):
+                self._root.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                fn.save_compiled_function(str(tmp))
+                tmp.replace(path)  # atomic: a reader never sees half a file
+                data = path.read_bytes()
+                fn = _deserialize(data, self._settings)
         except Exception as e:  # graph breaks, unsaveable guards, a full disk: the usual compile runs instead
             _UNSAVEABLE.add(path.name)
             self._note(f"the model's call could not be saved whole ({type(e).__name__}: {str(e)[:300]}); "

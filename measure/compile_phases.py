@@ -17,9 +17,10 @@ CUDA_GRAPH_RECORD = "CUDAGraphNode.record"
 AHEAD_OF_TIME = "fullgraph_capture"
 AHEAD_OF_TIME_BACKEND = "create_aot_dispatcher_function"
 SAVED_GRAPH_LOAD = "diffboost.load_saved_graph"
+SAVED_GRAPH_SAVE = "diffboost.save_saved_graph"  # after a cold compile: the graph written and loaded back
 CACHE_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
                   ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss"))
-TOP_TIMERS = 12
+TOP_TIMERS = 40  # enough to see each of inductor's phases in a cold compile
 
 
 def snapshot() -> dict:
@@ -49,6 +50,7 @@ def between(before: dict, after: dict) -> dict | None:
             "backend_s": round(backend, 3),
             "cuda_graph_recording_s": round(spent.get(CUDA_GRAPH_RECORD, 0.0), 3),
             "saved_graph_loading_s": round(spent.get(SAVED_GRAPH_LOAD, 0.0), 3),
+            "saved_graph_saving_s": round(spent.get(SAVED_GRAPH_SAVE, 0.0), 3),
             "cache_counts": {name: n for name, n in counts.items() if n},
             "timers_s": {name: round(t, 3) for name, t in top}}
 
@@ -61,6 +63,8 @@ def describe(phases: dict | None) -> str:
             f"{phases['backend_s']:.1f} s backend")
     if phases.get("saved_graph_loading_s"):
         text += f", {phases['saved_graph_loading_s']:.1f} s loading a saved graph"
+    if phases.get("saved_graph_saving_s"):
+        text += f", {phases['saved_graph_saving_s']:.1f} s saving the graph"
     if phases["cuda_graph_recording_s"]:
         text += f", {phases['cuda_graph_recording_s']:.1f} s recording CUDA graphs"
     if phases["cache_counts"]:

@@ -45,7 +45,7 @@ MODEL = textwrap.dedent("""
 # Runs in a fresh process with its own empty inductor cache: only diffboost's cache can help.
 CHILD = textwrap.dedent("""
     import json, sys, torch
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import compilation_time_metrics, counters
     from diffboost.backends import CompileCache, CompileOptions, compile_module
     sys.path.insert(0, sys.argv[2])
     from boosted_model import Model
@@ -60,7 +60,8 @@ CHILD = textwrap.dedent("""
             again = compiled(x, transformer_options={"patches": {}})
             err = float((out - model(x, {"patches": {}})).abs().max())
     print(json.dumps({**compiled.stats.as_dict(), "err": err, "repeat_err": float((again - out).abs().max()),
-                      "graphs_traced": counters["stats"]["unique_graphs"], "events": compiled.stats.events}))
+                      "graphs_traced": counters["stats"]["unique_graphs"], "events": compiled.stats.events,
+                      "saving_s": sum(compilation_time_metrics.get("diffboost.save_saved_graph", []))}))
 """)
 
 
@@ -87,10 +88,12 @@ def test_second_process_runs_the_saved_graph_without_tracing(tmp_path, model_dir
     assert cold["saved_graph"] == "saved" and cold["graphs_compiled"] == 1, cold
     assert cold["err"] < 1e-5 and cold["repeat_err"] == 0
     assert len(list(cache_dir.glob("*.graph"))) == 1
+    assert cold["saving_s"] > 0  # a cold compile's report says what writing the graph cost
 
     warm = run_child(cache_dir, tmp_path / "inductor-b", model_dir)  # a new, empty inductor cache
     assert warm["saved_graph"] == "loaded", warm
     assert warm["graphs_compiled"] == 0 and warm["graphs_traced"] == 0, warm  # nothing traced, nothing compiled
+    assert warm["saving_s"] == 0
     assert warm["err"] < 1e-5
 
 
