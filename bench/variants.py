@@ -160,7 +160,7 @@ def _diffboost_fp8(mode: str | None, settings: Fp8Settings = Fp8Settings(), comp
     def apply(base, bm):
         from ..backends import CompileOptions
         from ..nodes.patching import with_boost
-        from ..nodes.quantize_fp8 import CALLBACK_KEY, CALLBACKS
+        from ..nodes.quantize_fp8 import add_fp8_callbacks
         from ..quant import DEFAULT_MIN_WEIGHTS_MILLIONS, Fp8Quantizer, QuantConfig, choose_layers
 
         ignore = ", ".join(ignore_list(settings.skip, settings.unskip))
@@ -176,8 +176,7 @@ def _diffboost_fp8(mode: str | None, settings: Fp8Settings = Fp8Settings(), comp
         m = with_boost(base, **changes)
         # The node's callbacks: among them, the FP8 copies leave the GPU when the model does, so that
         # the next variant's peak memory does not hold this one's.
-        for call_type, callback in CALLBACKS:
-            m.add_callback_with_key(call_type, CALLBACK_KEY, callback)
+        add_fp8_callbacks(m)
         return m
 
     return apply

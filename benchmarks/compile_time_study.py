@@ -43,8 +43,12 @@ def apply_knobs(knobs: dict) -> None:
         *path, leaf = name.split(".")
         owner = functools.reduce(getattr, path, config)
         current = getattr(owner, leaf)  # an unknown name fails here, before anything runs
-        value = text in ("1", "true", "True") if isinstance(current, bool) else type(current)(text) \
-            if current is not None else text
+        if isinstance(current, bool):
+            value = text in ("1", "true", "True")
+        elif current is None:
+            value = text
+        else:
+            value = type(current)(text)
         setattr(owner, leaf, value)
 
 

@@ -94,9 +94,7 @@ class QuantizeFP8(io.ComfyNode):
             m = with_boost(model, quantizer=Fp8Quantizer(config), quantization=selection.summary())
         except DiffBoostError as e:
             raise node_error(where, e) from e
-        for call_type, callback in CALLBACKS:
-            m.remove_callbacks_with_key(call_type, CALLBACK_KEY)
-            m.add_callback_with_key(call_type, CALLBACK_KEY, callback)
+        add_fp8_callbacks(m)
         lines = [selection.report()]
         lines += [f"On {model.load_device}: {KERNEL_WORDS[k]}." for k in sorted(kernels)]
         lines.append(describe(m))
@@ -129,3 +127,10 @@ def _model_detached(patcher, unpatch_all) -> None:
 
 CALLBACKS = ((CallbacksMP.ON_LOAD, _weights_loaded), (CallbacksMP.ON_APPLY_HOOKS, _hooks_applied),
              (CallbacksMP.ON_DETACH, _model_detached))
+
+
+def add_fp8_callbacks(patcher) -> None:
+    """Install CALLBACKS on `patcher`, replacing any an earlier Quantize FP8 put there (not doubling them)."""
+    for call_type, callback in CALLBACKS:
+        patcher.remove_callbacks_with_key(call_type, CALLBACK_KEY)
+        patcher.add_callback_with_key(call_type, CALLBACK_KEY, callback)
