@@ -159,8 +159,8 @@ class Fp8Settings:
 def _diffboost_fp8(mode: str | None, settings: Fp8Settings = Fp8Settings(), compile_settings: dict | None = None):
     def apply(base, bm):
         from ..backends import CompileOptions
+        from ..nodes.fp8_lifetime import add_fp8_callbacks
         from ..nodes.patching import with_boost
-        from ..nodes.quantize_fp8 import add_fp8_callbacks
         from ..quant import DEFAULT_MIN_WEIGHTS_MILLIONS, Fp8Quantizer, QuantConfig, choose_layers
 
         ignore = ", ".join(ignore_list(settings.skip, settings.unskip))

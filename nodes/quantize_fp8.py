@@ -2,8 +2,8 @@
 
 The output is a clone; the input MODEL keeps its full-precision weights and stays usable. FP8
 weights are made from the model's weights as they are when it runs, so LoRAs loaded before or
-after this node are included; they are made again after every load and freed when the model
-leaves the device.
+after this node are included. They are made again when ComfyUI loads or patches the weights, and
+freed when it unloads the model or deletes the last model that uses them (fp8_lifetime.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import folder_paths
-from comfy.patcher_extension import CallbacksMP
 from comfy_api.latest import io
 
 from ..backends import DiffBoostError
@@ -25,11 +24,10 @@ from ..quant import (
     choose_layers,
 )
 from ..quant.device import choose_kernel
-from ..quant.standin import mark_stale
 from .errors import node_error
-from .patching import DENOISER, describe, release_unless_running, state_of, with_boost
+from .fp8_lifetime import add_fp8_callbacks
+from .patching import DENOISER, describe, with_boost
 
-CALLBACK_KEY = "diffboost.fp8"
 KERNEL_WORDS = {"scaled_mm": "FP8 tensor cores (torch._scaled_mm)",
                 "reference": "the slow reference path (dequantize, then multiply in the compute dtype)",
                 "weight_only": "FP8 weights dequantized to the compute dtype for each multiply"}
@@ -108,29 +106,3 @@ def resolve_path(text: str) -> str:
         return ""
     path = Path(text).expanduser()
     return str(path if path.is_absolute() else Path(folder_paths.base_path) / path)
-
-
-# ComfyUI patches weights in place for hooks and some loads, which the FP8 layers cannot see by
-# themselves: these callbacks tell them, through the denoiser the patcher's BoostState holds now.
-def _weights_loaded(patcher, *args) -> None:
-    mark_stale(state_of(patcher).denoiser)
-
-
-def _hooks_applied(patcher, hooks) -> None:
-    mark_stale(state_of(patcher).denoiser)
-
-
-def _model_detached(patcher, unpatch_all) -> None:
-    # The FP8 copies would otherwise stay on the GPU: the stand-in outlives its clones, for reuse.
-    release_unless_running(state_of(patcher).denoiser)
-
-
-CALLBACKS = ((CallbacksMP.ON_LOAD, _weights_loaded), (CallbacksMP.ON_APPLY_HOOKS, _hooks_applied),
-             (CallbacksMP.ON_DETACH, _model_detached))
-
-
-def add_fp8_callbacks(patcher) -> None:
-    """Install CALLBACKS on `patcher`, replacing any an earlier Quantize FP8 put there (not doubling them)."""
-    for call_type, callback in CALLBACKS:
-        patcher.remove_callbacks_with_key(call_type, CALLBACK_KEY)
-        patcher.add_callback_with_key(call_type, CALLBACK_KEY, callback)

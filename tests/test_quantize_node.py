@@ -288,6 +288,32 @@ def test_fp8_weights_are_freed_when_comfyui_drops_the_quantized_model(host):
     assert torch.equal(host.captured_latent(), first)
 
 
+def test_fp8_weights_stay_between_sampling_runs_and_go_when_comfyui_unloads_the_model(host):
+    """ComfyUI detaches a loaded model at the start of every sampling run and seats it again: the FP8
+    weights stay (the same tensors, not quantized again). When ComfyUI unloads the model, they go."""
+    import comfy.model_management
+
+    keep = {SINK: host.node("DiffBoostTestKeepModel", model=[T.NODE_IDS["loader"], 0])}  # holds the model
+
+    def prompt(seed):
+        return {**T.graph("sd15", host.models, insert=[quantize(host)], seed=seed, cfg=1.0, decode=False), **keep}
+
+    host.run_prompt(prompt(0), fresh=True).check()
+    root = KEPT_MODELS["model"].get_model_object("diffusion_model")
+    (standin,) = host.pack_module("quant.standin")._STANDINS[root].values()
+    layers = host.pack_module("quant").fp8_layers(standin)
+    made = [layer.weight_fp8 for layer in layers]
+    assert len(made) == 24 and all(w is not None for w in made)
+
+    host.run_prompt(prompt(1)).check()  # a new seed: KSampler samples again with the cached quantized model
+    assert all(layer.weight_fp8 is w for layer, w in zip(layers, made, strict=True)), "quantized again"
+
+    comfy.model_management.unload_all_models()
+    assert all(layer.weight_fp8 is None for layer in layers), "FP8 weights outlived the unload"
+    host.run_prompt(prompt(2)).check()
+    assert all(layer.weight_fp8 is not None for layer in layers)
+
+
 def test_a_clone_deleted_during_a_model_call_leaves_the_fp8_weights_in_use(host):
     """Clones share the quantized stand-in; one deleted while another runs must not free its FP8 weights."""
     WEIGHTS_AFTER_DROP.clear()
