@@ -13,7 +13,8 @@
 | benchmark       | run time: cudnn.benchmark (restored after)                                       |
 | regional        | each repeated block compiled once, reused by all its instances (stand-in tree)   |
 | fuse-rope       | graph pass: comfy_kitchen's RoPE ops become plain torch that inductor fuses      |
-| multi-kernel    | triton.multi_kernel=1 (persistent and looped reductions, the faster one kept)    |
+| multi-kernel    | triton.multi_kernel=1 (persistent and looped reductions, the faster one kept);   |
+|                 | fx_graph_cache=False and no saved graph (torch 2.11 cannot load them back)       |
 | skip-rewrites   | pattern_matcher=False (no pattern-matching passes on the traced graph)            |
 | match-eager     | emulate_precision_casts (fused kernels round each step to fp16/bf16 as eager does) |
 | channels_last   | layout_optimization, force_layout_optimization; 4-D inputs passed in channels_last |
@@ -58,7 +59,9 @@ def inductor_settings(mode: CompileMode, memory_format: str = "preserve") -> dic
     if mode.jit:
         s.update(max_autotune=False, coordinate_descent_tuning=False)
     if mode.multi_kernel:
-        s["triton.multi_kernel"] = 1
+        # Not from inductor's cache: torch 2.11 raised a TypeError loading these kernels from it in a
+        # new process (PixArt O3:multi-kernel on an H200), and the model then ran uncompiled.
+        s.update({"triton.multi_kernel": 1, "fx_graph_cache": False})
     if mode.skip_rewrites:
         s["pattern_matcher"] = False
     if mode.match_eager:
@@ -188,8 +191,12 @@ class InductorBackend(Backend):
     def saved_graphs(self, module: torch.nn.Module, options: CompileOptions, on_graph: Callable[[], None],
                      root, key: str):
         # Whole-model compiles only: block-by-block compiles trace in seconds anyway, frozen graphs
-        # hold one set of weights, and a dynamic-shape graph is not what the first call saves.
-        if options.mode.regional or options.mode.freezing or options.dynamic == "on" or not saved_graph.supported():
+        # hold one set of weights, a dynamic-shape graph is not what the first call saves, and
+        # multi-kernel graphs do not load in a new process (inductor_settings).
+        mode = options.mode
+        if mode.regional or mode.freezing or mode.multi_kernel or options.dynamic == "on":
+            return None
+        if not saved_graph.supported():
             return None
         return saved_graph.SavedGraphs(module, _counting_inductor(options, on_graph),
                                        keep_transformer_options_unguarded, root, key)

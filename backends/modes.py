@@ -20,7 +20,7 @@ FLAGS = {
     "disable-runtime-fusion": "do not fuse kernels at run time (nexfort only)",
     "regional": "compile each repeated block (transformer/residual block) once and reuse it: much shorter compile",
     "multi-kernel": "let inductor write each normalisation (reduction) kernel two ways and keep the faster one at the "
-                    "first call (1.5 - 2.8% faster on an H200, a few seconds more compile)",
+                    "first call (1.5 - 2.8% faster on an H200); compiled anew in every process, never from the cache",
     "skip-rewrites": "skip inductor's pattern-matching graph rewrites: a shorter cold compile (SDXL 121 -> 99 s on "
                      "an H200) at the same speed",
     "match-eager": "round to fp16/bf16 after every operation inside fused kernels, as the uncompiled model does, "
@@ -37,12 +37,13 @@ FLAGS = {
 # (bf16) and 1.7% (FP8) faster in one run on an H200 at the same error, and changes nothing elsewhere.
 # skip-rewrites cut SDXL's cold first call from 121 to 99 s (PixArt 37.5 -> 31.5 s) on an H200, at the
 # same speed and error on SDXL, SD3, PixArt and Flux FP8 (-0.2% to +1.4%). multi-kernel made every
-# model 1.5% - 2.8% faster (SDXL, SD3, PixArt, Flux; bf16 and FP8) at the same error on an H200, for
-# 1 - 10 s more compile; O2 is not measured with it. match-eager costs speed on some models (PixArt
-# 0.7%) and is measured on some only, so it stays opt-in.
+# model 1.5% - 2.8% faster (SDXL, SD3, PixArt, Flux; bf16 and FP8) at the same error on an H200, but
+# torch 2.11 fails to load its kernels from the compile cache in a new process (the model then ran
+# uncompiled), so it compiles anew in every process and stays opt-in. match-eager costs speed on some
+# models (PixArt 0.7%) and is measured on some only, so it stays opt-in.
 PRESETS = {
     "O2": ("cudagraphs", "benchmark", "cache-all", "fuse-rope", "skip-rewrites"),
-    "O3": ("cudagraphs", "low-precision", "benchmark", "cache-all", "fuse-rope", "skip-rewrites", "multi-kernel"),
+    "O3": ("cudagraphs", "low-precision", "benchmark", "cache-all", "fuse-rope", "skip-rewrites"),
 }
 
 # torch.compile's own mode names, as the flags they stand for.

@@ -36,8 +36,7 @@ def test_flags_presets_and_torch_modes_mean_what_they_say():
     assert parse_mode("O2").cudagraphs and not parse_mode("O2").low_precision
     assert parse_mode("O2").fuse_rope and parse_mode("O3").fuse_rope
     assert parse_mode("O2").skip_rewrites and parse_mode("O3").skip_rewrites
-    assert parse_mode("O3").multi_kernel and not parse_mode("O2").multi_kernel
-    assert not parse_mode("O3").match_eager
+    assert not parse_mode("O3").match_eager and not parse_mode("O3").multi_kernel
     assert parse_mode("reduce-overhead").flags() == ["cudagraphs"]
     assert parse_mode("max-autotune").flags() == ["max-autotune"]  # the seeds' flag wins over torch's mode
     assert parse_mode("max-autotune-no-cudagraphs").flags() == ["max-autotune"]
@@ -49,8 +48,9 @@ def test_inductor_settings_follow_the_flags():
     assert s["max_autotune"] and s["coordinate_descent_tuning"] and s["conv_1x1_as_mm"] and s["freezing"]
     assert s["triton.cudagraphs"] and s["epilogue_fusion"] is False and s["layout_optimization"]
     assert inductor_settings(parse_mode("default")) == {}
-    assert inductor_settings(parse_mode("O3"))["triton.multi_kernel"] == 1
-    assert "triton.multi_kernel" not in inductor_settings(parse_mode("O2"))
+    multi = inductor_settings(parse_mode("O3:multi-kernel"))
+    assert multi["triton.multi_kernel"] == 1 and multi["fx_graph_cache"] is False  # cache-all overruled
+    assert inductor_settings(parse_mode("O3"))["fx_graph_cache"] is True
     assert inductor_settings(parse_mode("O3:match-eager"))["emulate_precision_casts"] is True
     assert inductor_settings(parse_mode("O3:skip-rewrites"))["pattern_matcher"] is False
 

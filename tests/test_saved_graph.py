@@ -117,6 +117,18 @@ def test_saved_graphs_can_be_turned_off(tmp_path, model_dir):
     assert not list(cache_dir.glob("*.graph")) and list(cache_dir.glob("*.torchcache"))
 
 
+def test_multi_kernel_compiles_keep_no_saved_graph(tmp_path):
+    """torch 2.11 cannot load a multi-kernel graph back in a new process: such compiles save none."""
+    from diffboost.backends import CompileOptions
+    from diffboost.backends.inductor import InductorBackend
+
+    def saved(mode):
+        return InductorBackend().saved_graphs(torch.nn.Linear(4, 4), CompileOptions.from_user("inductor", mode),
+                                              lambda: None, tmp_path, "key")
+
+    assert saved("O3") is not None and saved("O3:multi-kernel") is None
+
+
 def test_changed_model_code_makes_the_saved_graph_stale(tmp_path, model_dir):
     cache_dir = tmp_path / "cache"
     run_child(cache_dir, tmp_path / "inductor-a", model_dir)
