@@ -51,7 +51,7 @@ CHILD = textwrap.dedent("""
     from boosted_model import Model
     torch.manual_seed(0)
     model = Model()
-    compiled = compile_module(model, CompileOptions.from_user("inductor", "default", dynamic="off"),
+    compiled = compile_module(model, CompileOptions.from_user("inductor", sys.argv[4], dynamic="off"),
                               cache=CompileCache(sys.argv[1]))
     with torch.no_grad():
         for rows in map(int, sys.argv[3].split(",")):  # each row count in turn, the last one checked
@@ -73,25 +73,28 @@ def model_dir(tmp_path):
     return folder
 
 
-def run_child(cache_dir, inductor_dir, model_dir, rows: str = "8", **env_changes) -> dict:
+def run_child(cache_dir, inductor_dir, model_dir, rows: str = "8", mode: str = "default", **env_changes) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE": "0",
            **env_changes}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(cache_dir), str(model_dir), rows], env=env,
+    done = subprocess.run([sys.executable, "-c", CHILD, str(cache_dir), str(model_dir), rows, mode], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_second_process_runs_the_saved_graph_without_tracing(tmp_path, model_dir):
+# The presets too: each of their inductor settings must survive being saved and loaded back (a
+# setting that did not, multi-kernel, made a new process run the model uncompiled on the GPU).
+@pytest.mark.parametrize("mode", ["default", "O3"])
+def test_second_process_runs_the_saved_graph_without_tracing(tmp_path, model_dir, mode):
     cache_dir = tmp_path / "cache"
-    cold = run_child(cache_dir, tmp_path / "inductor-a", model_dir)
-    assert cold["saved_graph"] == "saved" and cold["graphs_compiled"] == 1, cold
+    cold = run_child(cache_dir, tmp_path / "inductor-a", model_dir, mode=mode)
+    assert cold["saved_graph"] == "saved" and cold["graphs_compiled"] == 1 and cold["failure"] is None, cold
     assert cold["err"] < 1e-5 and cold["repeat_err"] == 0
     assert len(list(cache_dir.glob("*.graph"))) == 1
     assert cold["saving_s"] > 0  # a cold compile's report says what writing the graph cost
 
-    warm = run_child(cache_dir, tmp_path / "inductor-b", model_dir)  # a new, empty inductor cache
-    assert warm["saved_graph"] == "loaded", warm
+    warm = run_child(cache_dir, tmp_path / "inductor-b", model_dir, mode=mode)  # a new, empty inductor cache
+    assert warm["saved_graph"] == "loaded" and warm["failure"] is None, warm
     assert warm["graphs_compiled"] == 0 and warm["graphs_traced"] == 0, warm  # nothing traced, nothing compiled
     assert warm["saving_s"] == 0
     assert warm["err"] < 1e-5
