@@ -42,7 +42,7 @@ def _track(patcher) -> None:
         if patcher in entry[1]:
             return
         entry[1].add(patcher)
-    weakref.finalize(patcher, _user_gone, key)
+    weakref.finalize(patcher, _user_gone, key).atexit = False  # nothing to free for a process that ends
 
 
 def _user_gone(key: int) -> None:
