@@ -13,20 +13,18 @@ model callbacks.
 
 from __future__ import annotations
 
-import threading
 import weakref
 
 from comfy.patcher_extension import CallbacksMP
 
 from ..quant import fp8_layers
 from ..quant.standin import mark_stale
-from .patching import release_unless_running, state_of
+from .patching import FP8_LOCK, release_unless_running, state_of
 
 CALLBACK_KEY = "diffboost.fp8"
 
 # Per FP8 stand-in (by id of its layers' tuple): the stand-in, weakly, and the models using it.
 _USERS: dict[int, tuple[weakref.ref, weakref.WeakSet]] = {}
-_USERS_LOCK = threading.RLock()  # a garbage collection may finalize a model on any thread
 
 
 def _track(patcher) -> None:
@@ -35,18 +33,19 @@ def _track(patcher) -> None:
     if not layers:
         return
     key = id(layers)
-    with _USERS_LOCK:
+    with FP8_LOCK:  # a garbage collection may finalize a model on any thread
         entry = _USERS.get(key)
         if entry is None or entry[0]() is None:
-            entry = _USERS[key] = (weakref.ref(denoiser), weakref.WeakSet())
+            entry = (weakref.ref(denoiser), weakref.WeakSet())
         if patcher in entry[1]:
             return
         entry[1].add(patcher)
+        _USERS[key] = entry  # after the add: a collection during it may have dropped an entry then empty
     weakref.finalize(patcher, _user_gone, key).atexit = False  # nothing to free for a process that ends
 
 
 def _user_gone(key: int) -> None:
-    with _USERS_LOCK:
+    with FP8_LOCK:
         entry = _USERS.get(key)
         if entry is None or any(True for _ in entry[1]):  # iterating skips the dead: len() may not yet
             return

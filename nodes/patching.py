@@ -28,9 +28,11 @@ DENOISER = "diffusion_model"
 
 # The FP8 layers (by id of their tuple, the same for a quantized stand-in and its compiled wrapper)
 # that a model call is running right now, so that no FP8 weights are freed under it.
-# Reentrant: a garbage collection inside the count's own update may run release_unless_running.
 _RUNNING: Counter = Counter()
-_RUNNING_LOCK = threading.RLock()
+# Guards those counts and fp8_lifetime's record of who uses which FP8 weights: one lock, so that
+# garbage collections on two threads cannot take two locks in opposite orders. Reentrant: a
+# collection inside an update may run release_unless_running on the same thread.
+FP8_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def swap_in_while_applying(modules_by_key: dict, after: Callable[[], None] | Non
 
     def wrapper(executor, *args, **kwargs):
         originals = {}
-        with _RUNNING_LOCK:
+        with FP8_LOCK:
             _RUNNING.update(running)
         try:
             for key, module in modules_by_key.items():
@@ -107,7 +109,7 @@ def swap_in_while_applying(modules_by_key: dict, after: Callable[[], None] | Non
         finally:
             for key, module in originals.items():
                 comfy.utils.set_attr(executor.class_obj, key, module)
-            with _RUNNING_LOCK:
+            with FP8_LOCK:
                 for key in running:
                     _RUNNING[key] -= 1
                     if _RUNNING[key] <= 0:
@@ -121,7 +123,7 @@ def swap_in_while_applying(modules_by_key: dict, after: Callable[[], None] | Non
 def release_unless_running(denoiser) -> None:
     """Free the FP8 weights of `denoiser` (rebuilt at its next call), unless a call is using them now:
     ComfyUI detaches every clone it deletes, and a clone may go while another one samples."""
-    with _RUNNING_LOCK:
+    with FP8_LOCK:
         if not _RUNNING[id(fp8_layers(denoiser))]:
             release(denoiser)
 
