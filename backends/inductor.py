@@ -64,6 +64,9 @@ def inductor_settings(mode: CompileMode, memory_format: str = "preserve") -> dic
         s.update({"triton.multi_kernel": 1, "fx_graph_cache": False})
     if mode.skip_rewrites:
         s["pattern_matcher"] = False
+    if mode.quick_schedule:
+        s.update({"loop_ordering_after_fusion": False, "triton.coalesce_tiling_analysis": False,
+                  "triton.autotune_pointwise": False})
     if mode.match_eager:
         s["emulate_precision_casts"] = True
     if memory_format == "channels_last":
@@ -194,9 +197,8 @@ class InductorBackend(Backend):
         # hold one set of weights, a dynamic-shape graph is not what the first call saves, and
         # multi-kernel graphs do not load in a new process (inductor_settings).
         mode = options.mode
-        if mode.regional or mode.freezing or mode.multi_kernel or options.dynamic == "on":
-            return None
-        if not saved_graph.supported():
+        if mode.regional or mode.freezing or mode.multi_kernel or options.dynamic == "on" \
+                or not saved_graph.supported():
             return None
         return saved_graph.SavedGraphs(module, _counting_inductor(options, on_graph),
                                        keep_transformer_options_unguarded, root, key)

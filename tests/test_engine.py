@@ -293,6 +293,27 @@ def test_skip_rewrites_compiles_without_pattern_passes_and_gives_the_same_result
     assert rewrites["default"] > 0 and rewrites["default:skip-rewrites"] == 0
 
 
+def test_quick_schedule_reaches_inductor_and_gives_the_same_result():
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    seen = []
+
+    class Look(CustomGraphPass):  # runs inside inductor's compile, where the mode's settings apply
+        def __call__(self, graph):
+            seen.append((config.loop_ordering_after_fusion, config.triton.autotune_pointwise))
+
+        def uuid(self):
+            return "diffboost-test-look"
+
+    model, x = Modulated().eval(), (torch.randn(2, 16, 64), torch.randn(2, 1, 64))
+    with torch.no_grad(), without_compile_caches(), config.patch(post_grad_custom_post_pass=Look()):
+        for mode in ("default", "default:quick-schedule"):
+            out = compile_module(model, CompileOptions.from_user("inductor", mode))(*x)
+            assert torch.allclose(out, model(*x), atol=1e-5)
+    assert seen == [(True, True), (False, False)]
+
+
 class Modulated(torch.nn.Module):
     """A DiT block's chain of element-wise work (norm, modulation, GELU, gated residual): what a
     compile fuses into few kernels, and eager rounds to bf16 after every operation."""

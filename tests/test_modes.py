@@ -53,6 +53,9 @@ def test_inductor_settings_follow_the_flags():
     assert inductor_settings(parse_mode("O3"))["fx_graph_cache"] is True
     assert inductor_settings(parse_mode("O3:match-eager"))["emulate_precision_casts"] is True
     assert inductor_settings(parse_mode("O3:skip-rewrites"))["pattern_matcher"] is False
+    quick = inductor_settings(parse_mode("O3:quick-schedule"))
+    assert quick["loop_ordering_after_fusion"] is False and quick["triton.autotune_pointwise"] is False
+    assert quick["triton.coalesce_tiling_analysis"] is False
 
 
 @pytest.mark.parametrize("text, message", [
