@@ -59,26 +59,36 @@ def _num_warps(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4  # 16 - 32 values of the row per thread
 
 
-@torch.library.custom_op("diffboost::gelu_quantize_rows", mutates_args=())
-def gelu_quantize_rows(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise e4m3 codes and float32 scales (rows, 1) of a 2-D `x` whose columns from `gelu_from` on
-    first go through the tanh-GELU (0: all of them)."""
-    kernel = _kernel() if x.is_cuda and x.shape[-1] <= MAX_ROW else None
-    if kernel is None:
-        return reference(x, gelu_from)
-    x = x.contiguous()
-    rows, cols = x.shape
-    q = torch.empty((rows, cols), device=x.device, dtype=E4M3)
-    scale = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
-    if rows:
-        import triton
+def _define():
+    """Define the op diffboost::gelu_quantize_rows; returns it."""
 
-        block = triton.next_power_of_2(cols)
-        kernel[(rows,)](x, q, scale, cols, gelu_from, x.stride(0), q.stride(0), BLOCK=block,
-                        num_warps=_num_warps(block))
-    return q, scale
+    @torch.library.custom_op("diffboost::gelu_quantize_rows", mutates_args=())
+    def gelu_quantize_rows(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-wise e4m3 codes and float32 scales (rows, 1) of a 2-D `x` whose columns from
+        `gelu_from` on first go through the tanh-GELU (0: all of them)."""
+        kernel = _kernel() if x.is_cuda and x.shape[-1] <= MAX_ROW else None
+        if kernel is None:
+            return reference(x, gelu_from)
+        x = x.contiguous()
+        rows, cols = x.shape
+        q = torch.empty((rows, cols), device=x.device, dtype=E4M3)
+        scale = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
+        if rows:
+            import triton
+
+            block = triton.next_power_of_2(cols)
+            kernel[(rows,)](x, q, scale, cols, gelu_from, x.stride(0), q.stride(0), BLOCK=block,
+                            num_warps=_num_warps(block))
+        return q, scale
+
+    @gelu_quantize_rows.register_fake
+    def _(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.new_empty(x.shape, dtype=E4M3), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+    return gelu_quantize_rows
 
 
-@gelu_quantize_rows.register_fake
-def _(x: torch.Tensor, gelu_from: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape, dtype=E4M3), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+# Defined once per process: ComfyUI loads the pack as its own copy of these modules beside the
+# installed package, and torch replaces an op defined again (its first registration goes away).
+gelu_quantize_rows = (torch.ops.diffboost.gelu_quantize_rows if hasattr(torch.ops.diffboost, "gelu_quantize_rows")
+                      else _define())

@@ -212,3 +212,31 @@ def test_the_triton_kernel_on_the_gpu_matches_the_reference():
         expected_q, expected_scale = reference(x, gelu_from)
         torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
         assert (q.float() != expected_q.float()).float().mean() < 1e-3  # rounding ties of a different GELU formula
+
+
+SECOND_COPY = r"""
+import importlib.util, json, sys, torch
+from torch._library.custom_ops import _maybe_get_opdef
+from diffboost.quant import kernels as installed
+root = sys.argv[1]
+# The pack again under another name, as ComfyUI's loader imports custom_nodes/diffboost.
+spec = importlib.util.spec_from_file_location("pack_copy", root + "/__init__.py", submodule_search_locations=[root])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["pack_copy"] = pack
+spec.loader.exec_module(pack)
+import pack_copy.quant.kernels as copied
+x = torch.randn(4, 40, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+a, b = installed.gelu_quantize_rows(x, 8), copied.gelu_quantize_rows(x, 8)
+print(json.dumps({"first_kept": _maybe_get_opdef("diffboost::gelu_quantize_rows") is installed.gelu_quantize_rows,
+                  "same": all(torch.equal(p.float(), q.float()) for p, q in zip(a, b))}))
+"""
+
+
+def test_a_second_copy_of_the_pack_keeps_the_first_definition_of_the_op():
+    """ComfyUI imports the pack as its own module copy beside the installed package; defining the op
+    again would replace the registration the first copy's callers hold."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT.parent), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", SECOND_COPY, str(ROOT)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"first_kept": True, "same": True}
