@@ -7,14 +7,17 @@ model callbacks.
   sampling run of a model that is already loaded, just before seating it again, and when a clone is
   garbage-collected. The weights stay where they are, so their FP8 copies still match them; freeing
   them there made every run quantize the whole model again (80 ms of a 1.8 s Flux-dev run).
-- Freed: when ComfyUI unloads the model (detach with unpatch_all), and when the last model that
-  uses them is deleted.
+- Freed: when ComfyUI unloads the model (detach with unpatch_all); when the last model that uses
+  them is deleted; and when, a moment after such a detach, no loaded model uses them (another clone
+  of the checkpoint, not quantized, took the quantized one's place).
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 
+import comfy.model_management
 from comfy.patcher_extension import CallbacksMP
 
 from ..quant import fp8_layers
@@ -55,24 +58,46 @@ def _user_gone(key: int) -> None:
         release_unless_running(denoiser)
 
 
-def _weights_loaded(patcher, *args) -> None:
-    mark_stale(state_of(patcher).denoiser)
-
-
-def _hooks_applied(patcher, hooks) -> None:
+def _weights_changed(patcher, *_) -> None:
     mark_stale(state_of(patcher).denoiser)
 
 
 def _model_detached(patcher, unpatch_all) -> None:
+    denoiser = state_of(patcher).denoiser
     if unpatch_all:  # the weights leave the device (or lose their patches): the copies are of no use
-        release_unless_running(state_of(patcher).denoiser)
+        release_unless_running(denoiser)
+    elif fp8_layers(denoiser):
+        _check_seated_later(denoiser)
+
+
+# Seconds after a detach without unpatching to look whether a loaded model still uses the FP8 weights:
+# ComfyUI seats the same model again right after it (a new sampling run), or another clone in its place.
+SEATED_CHECK_S = 5.0
+
+
+def _check_seated_later(denoiser) -> None:
+    timer = threading.Timer(SEATED_CHECK_S, _release_unless_seated, args=(weakref.ref(denoiser),))
+    timer.daemon = True
+    timer.start()
+
+
+def _release_unless_seated(denoiser_ref: weakref.ref) -> None:
+    denoiser = denoiser_ref()
+    if denoiser is None:
+        return
+    layers = fp8_layers(denoiser)
+    for loaded in list(comfy.model_management.current_loaded_models):
+        patcher = loaded.model
+        if patcher is not None and fp8_layers(state_of(patcher).denoiser) is layers:
+            return
+    release_unless_running(denoiser)
 
 
 def _cloned(patcher, clone) -> None:
     _track(clone)
 
 
-CALLBACKS = ((CallbacksMP.ON_LOAD, _weights_loaded), (CallbacksMP.ON_APPLY_HOOKS, _hooks_applied),
+CALLBACKS = ((CallbacksMP.ON_LOAD, _weights_changed), (CallbacksMP.ON_APPLY_HOOKS, _weights_changed),
              (CallbacksMP.ON_DETACH, _model_detached), (CallbacksMP.ON_CLONE, _cloned))
 
 

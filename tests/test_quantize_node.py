@@ -288,11 +288,14 @@ def test_fp8_weights_are_freed_when_comfyui_drops_the_quantized_model(host):
     assert torch.equal(host.captured_latent(), first)
 
 
-def test_fp8_weights_stay_between_sampling_runs_and_go_when_comfyui_unloads_the_model(host):
+def test_fp8_weights_stay_between_sampling_runs_and_go_when_comfyui_unloads_the_model(host, monkeypatch):
     """ComfyUI detaches a loaded model at the start of every sampling run and seats it again: the FP8
     weights stay (the same tensors, not quantized again). When ComfyUI unloads the model, they go."""
+    import time
+
     import comfy.model_management
 
+    monkeypatch.setattr(host.pack_module("nodes.fp8_lifetime"), "SEATED_CHECK_S", 0.05)
     keep = {SINK: host.node("DiffBoostTestKeepModel", model=[T.NODE_IDS["loader"], 0])}  # holds the model
 
     def prompt(seed):
@@ -306,12 +309,36 @@ def test_fp8_weights_stay_between_sampling_runs_and_go_when_comfyui_unloads_the_
     assert len(made) == 24 and all(w is not None for w in made)
 
     host.run_prompt(prompt(1)).check()  # a new seed: KSampler samples again with the cached quantized model
+    time.sleep(0.5)  # past the look at what is loaded after the detach
     assert all(layer.weight_fp8 is w for layer, w in zip(layers, made, strict=True)), "quantized again"
 
     comfy.model_management.unload_all_models()
     assert all(layer.weight_fp8 is None for layer in layers), "FP8 weights outlived the unload"
     host.run_prompt(prompt(2)).check()
     assert all(layer.weight_fp8 is not None for layer in layers)
+
+
+def test_fp8_weights_go_when_another_clone_takes_the_quantized_models_place(host, monkeypatch):
+    """The quantized model stays alive, but a clone of the same checkpoint without FP8 is sampled (and
+    loaded) in its place: the FP8 weights are freed a moment later, and come back when it runs again."""
+    import time
+
+    monkeypatch.setattr(host.pack_module("nodes.fp8_lifetime"), "SEATED_CHECK_S", 0.05)
+    quantized = {**T.graph("sd15", host.models, insert=[quantize(host)], cfg=1.0, decode=False),
+                 SINK: host.node("DiffBoostTestKeepModel", model=[QUANT, 0])}
+    host.run_prompt(quantized, fresh=True).check()
+    first = host.captured_latent().clone()
+    kept = KEPT_MODELS["model"]  # the quantized model, alive through the next prompt
+    layers = host.pack_module("quant").fp8_layers(kept.model_options["diffboost"].denoiser)
+    assert layers and all(layer.weight_fp8 is not None for layer in layers)
+
+    host.run_prompt(T.graph("sd15", host.models, cfg=1.0, decode=False, seed=1)).check()  # the plain model
+    time.sleep(0.5)
+    assert all(layer.weight_fp8 is None for layer in layers), "FP8 weights held while another clone was loaded"
+    host.run_prompt(quantized).check()
+    assert all(layer.weight_fp8 is not None for layer in layers)
+    assert torch.equal(host.captured_latent(), first)
+    del kept
 
 
 def test_a_clone_deleted_during_a_model_call_leaves_the_fp8_weights_in_use(host):
