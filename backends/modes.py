@@ -63,7 +63,8 @@ CONFLICTS = {
     frozenset({"jit", "max-optimize"}): "'jit' asks for a quick compile, 'max-optimize' for a long one",
 }
 
-MODE_CHOICES = ["O2", "O3", "O3:regional", "O3:match-eager", *TORCH_MODES, "max-optimize:max-autotune:low-precision",
+MODE_CHOICES = ["O2", "O3", "O3:regional", "O3:quick-schedule", "O3:match-eager", *TORCH_MODES,
+                "max-optimize:max-autotune:low-precision",
                 "max-optimize:max-autotune:freezing:benchmark:low-precision:cudagraphs:cache-all"]
 
 
