@@ -295,7 +295,7 @@ def test_fp8_weights_stay_between_sampling_runs_and_go_when_comfyui_unloads_the_
 
     import comfy.model_management
 
-    monkeypatch.setattr(host.pack_module("nodes.fp8_lifetime"), "SEATED_CHECK_S", 0.05)
+    monkeypatch.setattr(host.pack_module("nodes.fp8_lifetime"), "SEATED_CHECK_S", 0.5)  # well after a re-seat
     keep = {SINK: host.node("DiffBoostTestKeepModel", model=[T.NODE_IDS["loader"], 0])}  # holds the model
 
     def prompt(seed):
@@ -309,7 +309,7 @@ def test_fp8_weights_stay_between_sampling_runs_and_go_when_comfyui_unloads_the_
     assert len(made) == 24 and all(w is not None for w in made)
 
     host.run_prompt(prompt(1)).check()  # a new seed: KSampler samples again with the cached quantized model
-    time.sleep(0.5)  # past the look at what is loaded after the detach
+    time.sleep(1.5)  # past the look at what is loaded after the detach
     assert all(layer.weight_fp8 is w for layer, w in zip(layers, made, strict=True)), "quantized again"
 
     comfy.model_management.unload_all_models()
@@ -323,7 +323,7 @@ def test_fp8_weights_go_when_another_clone_takes_the_quantized_models_place(host
     loaded) in its place: the FP8 weights are freed a moment later, and come back when it runs again."""
     import time
 
-    monkeypatch.setattr(host.pack_module("nodes.fp8_lifetime"), "SEATED_CHECK_S", 0.05)
+    monkeypatch.setattr(host.pack_module("nodes.fp8_lifetime"), "SEATED_CHECK_S", 0.5)  # well after a re-seat
     quantized = {**T.graph("sd15", host.models, insert=[quantize(host)], cfg=1.0, decode=False),
                  SINK: host.node("DiffBoostTestKeepModel", model=[QUANT, 0])}
     host.run_prompt(quantized, fresh=True).check()
@@ -333,7 +333,7 @@ def test_fp8_weights_go_when_another_clone_takes_the_quantized_models_place(host
     assert layers and all(layer.weight_fp8 is not None for layer in layers)
 
     host.run_prompt(T.graph("sd15", host.models, cfg=1.0, decode=False, seed=1)).check()  # the plain model
-    time.sleep(0.5)
+    time.sleep(1.5)
     assert all(layer.weight_fp8 is None for layer in layers), "FP8 weights held while another clone was loaded"
     host.run_prompt(quantized).check()
     assert all(layer.weight_fp8 is not None for layer in layers)
