@@ -14,6 +14,7 @@ model callbacks.
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 
@@ -76,6 +77,8 @@ SEATED_CHECK_S = 5.0
 
 
 def _check_seated_later(denoiser) -> None:
+    if sys.is_finalizing():  # a clone collected as the process ends: no thread starts then (3.11 hangs)
+        return
     timer = threading.Timer(SEATED_CHECK_S, _release_unless_seated, args=(weakref.ref(denoiser),))
     timer.daemon = True
     timer.start()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import host as host_helpers
 
-HOST_FIXTURES = {"comfy_host", "tiny_models", "comfy_server"}
+HOST_FIXTURES = {"comfy_path", "comfy_host", "tiny_models", "comfy_server"}
 _skipped_host_tests: list[str] = []
 
 

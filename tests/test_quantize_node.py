@@ -5,6 +5,8 @@ so graphs set allow_reference_path: the same quantized operands, multiplied in f
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -339,6 +341,38 @@ def test_fp8_weights_go_when_another_clone_takes_the_quantized_models_place(host
     assert all(layer.weight_fp8 is not None for layer in layers)
     assert torch.equal(host.captured_latent(), first)
     del kept
+
+
+# A quantized model that Python collects only as the process ends (held in a reference cycle).
+ENDING_PROCESS = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+sys.argv = [sys.argv[0], "--cpu"]  # ComfyUI reads its options from the command line
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_patcher
+from diffboost.nodes.fp8_lifetime import add_fp8_callbacks
+from diffboost.nodes.patching import STATE_KEY, BoostState
+from diffboost.quant import QuantConfig, fp8_layers, quantized_standin
+net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(3)])
+config = QuantConfig.from_user("rowwise", min_features=16, min_weights_millions=0, keep_first_last=False,
+                               allow_reference_path=True)
+patcher = comfy.model_patcher.ModelPatcher(net, torch.device("cpu"), torch.device("cpu"))
+patcher.model_options[STATE_KEY] = BoostState(denoiser=quantized_standin(net, config))
+add_fp8_callbacks(patcher)
+patcher.itself = patcher
+print(len(fp8_layers(patcher.model_options[STATE_KEY].denoiser)))
+"""
+
+
+def test_a_process_ending_with_a_quantized_model_alive_exits(comfy_path):
+    """ComfyUI detaches a model patcher that Python collects as the process ends; the look after a
+    detach must not start a thread then (Python 3.11 waited forever for it to start)."""
+    done = subprocess.run([sys.executable, "-c", ENDING_PROCESS, str(comfy_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["3"]  # the model was quantized, so its detach looked at FP8 weights
 
 
 def test_a_clone_deleted_during_a_model_call_leaves_the_fp8_weights_in_use(host):
