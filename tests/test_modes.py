@@ -36,6 +36,7 @@ def test_flags_presets_and_torch_modes_mean_what_they_say():
     assert parse_mode("O2").cudagraphs and not parse_mode("O2").low_precision
     assert parse_mode("O2").fuse_rope and parse_mode("O3").fuse_rope
     assert parse_mode("O2").skip_rewrites and parse_mode("O3").skip_rewrites
+    assert parse_mode("O2").quick_schedule and parse_mode("O3").quick_schedule
     assert not parse_mode("O3").match_eager and not parse_mode("O3").multi_kernel
     assert parse_mode("reduce-overhead").flags() == ["cudagraphs"]
     assert parse_mode("max-autotune").flags() == ["max-autotune"]  # the seeds' flag wins over torch's mode
@@ -53,7 +54,8 @@ def test_inductor_settings_follow_the_flags():
     assert inductor_settings(parse_mode("O3"))["fx_graph_cache"] is True
     assert inductor_settings(parse_mode("O3:match-eager"))["emulate_precision_casts"] is True
     assert inductor_settings(parse_mode("O3:skip-rewrites"))["pattern_matcher"] is False
-    quick = inductor_settings(parse_mode("O3:quick-schedule"))
+    assert "loop_ordering_after_fusion" not in inductor_settings(parse_mode("default"))
+    quick = inductor_settings(parse_mode("O3"))
     assert quick["loop_ordering_after_fusion"] is False and quick["triton.autotune_pointwise"] is False
     assert quick["triton.coalesce_tiling_analysis"] is False
 

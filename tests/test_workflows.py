@@ -73,9 +73,8 @@ def test_workflow_routes_the_model_through_compile_into_the_benchmark(name):
     compile_id, bench_id = by_type["DiffBoostCompileModel"], by_type[BENCH]
     assert api[bench_id]["inputs"]["model"] == [compile_id, 0]
     # The measured best per architecture (benchmarks/RESULTS.md): Flux compiled block by block is as
-    # fast as the whole model and compiles in a seventh of the time; the others are 3% faster whole;
-    # SDXL's whole-model compile is the longest, and quick-schedule shortens it at the same speed.
-    best = {"flux": "O3:regional", "sdxl": "O3:quick-schedule"}
+    # fast as the whole model and compiles in a seventh of the time; the others are 3% faster whole.
+    best = {"flux": "O3:regional"}
     assert api[compile_id]["inputs"]["mode"] == best.get(wf.BY_NAME[name].arch, "O3")
     assert ("DiffBoostQuantizeFP8" in by_type) == (wf.BY_NAME[name].arch in ("flux", "sd3"))
     decode = next(k for k, n in api.items() if n["class_type"] == "VAEDecode")
