@@ -16,8 +16,6 @@
 | multi-kernel    | triton.multi_kernel=1 (persistent and looped reductions, the faster one kept);   |
 |                 | fx_graph_cache=False and no saved graph (torch 2.11 cannot load them back)       |
 | skip-rewrites   | pattern_matcher=False (no pattern-matching passes on the traced graph)            |
-| quick-schedule  | triton.coalesce_tiling_analysis=False, triton.autotune_pointwise=False, and on    |
-|                 | CUDA loop_ordering_after_fusion=False                                            |
 | match-eager     | emulate_precision_casts (fused kernels round each step to fp16/bf16 as eager does) |
 | channels_last   | layout_optimization, force_layout_optimization; 4-D inputs passed in channels_last |
 
@@ -89,7 +87,6 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
         super().__init__(None, settings, dynamic)
         self._fuse_qkv = fuse_qkv
         self._fuse_rope = rope
-        self._off_cuda = None  # the same settings less CUDA_ONLY_SETTINGS, made at the first compile off CUDA
         self.count_to(on_graph)
 
     def count_to(self, on_graph: Callable[[], None]) -> None:
@@ -107,21 +104,7 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
             fuse_parallel_linears(model_)
         if self._fuse_rope:
             fuse_rope(model_)
-        if _on_cuda(inputs_) or not CUDA_ONLY_SETTINGS & self.config.keys():
-            return super().__call__(model_, inputs_, **kwargs)
-        if self._off_cuda is None:
-            settings = {k: v for k, v in self.config.items() if k not in CUDA_ONLY_SETTINGS}
-            self._off_cuda = torch._TorchCompileInductorWrapper(None, settings, self.dynamic)
-        return self._off_cuda(model_, inputs_, **kwargs)
-
-
-# Settings measured to shorten CUDA compiles that lengthen others: without loop reordering after
-# fusion, the CPU's C++ kernels of a tiny SD1.5 took 95 s to compile instead of 58 s.
-CUDA_ONLY_SETTINGS = frozenset({"loop_ordering_after_fusion"})
-
-
-def _on_cuda(inputs) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in inputs)
+        return super().__call__(model_, inputs_, **kwargs)
 
 
 def _counting_inductor(options: CompileOptions, on_graph: Callable[[], None]) -> _CountingInductor:

@@ -23,9 +23,9 @@ FLAGS = {
                     "first call (1.5 - 2.8% faster on an H200); compiled anew in every process, never from the cache",
     "skip-rewrites": "skip inductor's pattern-matching graph rewrites: a shorter cold compile (SDXL 121 -> 99 s on "
                      "an H200) at the same speed",
-    "quick-schedule": "a shorter cold compile: inductor skips its tiling analysis, picks element-wise kernels' "
-                      "launch settings without timing them and, on CUDA, keeps its first loop order after fusing "
-                      "(SDXL 118 -> 100 s on an H200) at the same speed",
+    "quick-schedule": "a shorter cold compile: inductor keeps its first loop order after fusing, skips its tiling "
+                      "analysis and picks element-wise kernels' launch settings without timing them (SDXL 118 -> "
+                      "100 s on an H200) at the same speed",
     "match-eager": "round to fp16/bf16 after every operation inside fused kernels, as the uncompiled model does, "
                    "so the result matches ComfyUI's own (random-weight DiTs amplify that rounding over the steps)",
     "fuse-rope": "compute the rotary embedding (RoPE) in the compiled graph, fused with its neighbours, instead of "
