@@ -86,4 +86,3 @@ def twin_calling(module: torch.nn.Module, fn: Callable) -> torch.nn.Module:
 
 def _call_replacement(self, *args, **kwargs):
     return self._standin_forward(*args, **kwargs)
-
