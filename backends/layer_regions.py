@@ -34,8 +34,10 @@ LAYERS = {
 ATTENTION_OVERRIDE = "optimized_attention_override"
 # ComfyUI's attention functions that trace without a graph break.
 TRACEABLE_ATTENTION = {"attention_pytorch"}
-# Distinct input layouts per layer class before torch gives up reusing (SDXL: two per class).
-MAX_LAYOUTS = 64
+# Distinct input layouts per layer class that torch may keep (SDXL: two or three per class and
+# resolution); past it torch raises and the compile fails. A ComfyUI process lives through many
+# resolutions and models whose layers share the class (and so the region), hence far above torch's 8.
+MAX_LAYOUTS = 1024
 
 
 def supported() -> bool:
