@@ -375,4 +375,3 @@ def test_layer_regions_trace_each_repeated_layer_once_inside_one_graph():
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and "invoke_subgraph" in str(n.target)]
     bodies = {n.args[0].target for n in calls}  # the subgraph each call runs
     assert len(calls) == 3 and len(bodies) == 1  # three Attention layers, traced once
-
