@@ -12,8 +12,6 @@
 | low-precision   | run time: reduced-precision fp16/bf16 matmul reductions, TF32 (restored after)   |
 | benchmark       | run time: cudnn.benchmark (restored after)                                       |
 | regional        | each repeated block compiled once, reused by all its instances (stand-in tree)   |
-| reuse-layers    | repeated attention/feed-forward layers as nested compile regions in the whole     |
-|                 | graph (layer_regions.py); no saved graph                                          |
 | fuse-rope       | graph pass: comfy_kitchen's RoPE ops become plain torch that inductor fuses      |
 | multi-kernel    | triton.multi_kernel=1 (persistent and looped reductions, the faster one kept);   |
 |                 | fx_graph_cache=False and no saved graph (torch 2.11 cannot load them back)       |
@@ -37,7 +35,6 @@ from .base import Backend
 from .cache import parameter_layout
 from .fuse import fuse_parallel_linears
 from .latent_blocks import LatentInBlocks, dispatching
-from .layer_regions import with_layer_regions
 from .modes import CompileMode
 from .options import CompileOptions
 from .rope import fuse_rope
@@ -186,14 +183,11 @@ class InductorBackend(Backend):
             blocks = repeated_blocks(module)
             compiled = replace_submodules(
                 module, lambda name, m: twin_calling(m, compile_one(m)) if type(m) in blocks else None)
+        elif options.dynamic == "on":
+            # The latent's sides as multiples of 8: the downsampled sizes stay exact (latent_blocks.py).
+            compiled = dispatching(compile_one(LatentInBlocks(module)), compile_one(module))
         else:
-            if options.mode.reuse_layers:
-                module = with_layer_regions(module)  # a stand-in tree: the model itself is not changed
-            if options.dynamic == "on":
-                # The latent's sides as multiples of 8: the downsampled sizes stay exact (latent_blocks.py).
-                compiled = dispatching(compile_one(LatentInBlocks(module)), compile_one(module))
-            else:
-                compiled = compile_one(module)
+            compiled = compile_one(module)
         # Floats are constants in a dynamic compile too, so that torch traces the model once.
         return with_floats_as_constants(compiled) if options.dynamic == "on" else compiled
 
@@ -201,10 +195,9 @@ class InductorBackend(Backend):
                      root, key: str):
         # Whole-model compiles only: block-by-block compiles trace in seconds anyway, frozen graphs
         # hold one set of weights, a dynamic-shape graph is not what the first call saves, and
-        # multi-kernel graphs do not load in a new process (inductor_settings); the saved graph is traced
-        # from the model as it is, without reuse-layers' regions.
+        # multi-kernel graphs do not load in a new process (inductor_settings).
         mode = options.mode
-        if mode.regional or mode.freezing or mode.multi_kernel or mode.reuse_layers or options.dynamic == "on" \
+        if mode.regional or mode.freezing or mode.multi_kernel or options.dynamic == "on" \
                 or not saved_graph.supported():
             return None
         return saved_graph.SavedGraphs(module, _counting_inductor(options, on_graph),

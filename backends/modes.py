@@ -28,9 +28,6 @@ FLAGS = {
                       "100 s on an H200) at the same speed",
     "match-eager": "round to fp16/bf16 after every operation inside fused kernels, as the uncompiled model does, "
                    "so the result matches ComfyUI's own (random-weight DiTs amplify that rounding over the steps)",
-    "reuse-layers": "inside a whole-model compile of a UNet (SD1.5, SDXL), trace and compile each attention and "
-                    "feed-forward layer once per shape and call that code for its other instances: SDXL's graph "
-                    "35% smaller to compile, still one graph per step",
     "fuse-rope": "compute the rotary embedding (RoPE) in the compiled graph, fused with its neighbours, instead of "
                  "calling comfy_kitchen's separate kernel (Flux and other DiTs with RoPE)",
 }
@@ -66,8 +63,6 @@ TORCH_MODES = {
 CONFLICTS = {
     frozenset({"jit", "max-autotune"}): "'jit' asks for a quick compile, 'max-autotune' for a long one",
     frozenset({"jit", "max-optimize"}): "'jit' asks for a quick compile, 'max-optimize' for a long one",
-    frozenset({"regional", "reuse-layers"}): "'regional' compiles each block on its own, 'reuse-layers' keeps the "
-                                             "whole model one graph",
 }
 
 MODE_CHOICES = ["O2", "O3", "O3:regional", "O3:match-eager", *TORCH_MODES,
@@ -94,7 +89,6 @@ class CompileMode:
     match_eager: bool = False
     skip_rewrites: bool = False
     quick_schedule: bool = False
-    reuse_layers: bool = False
     text: str = "default"
 
     def flags(self) -> list[str]:

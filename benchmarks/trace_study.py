@@ -1,8 +1,7 @@
 """How long torch.dynamo takes to trace each architecture's denoiser: the part of a compile that no
 artifact cache removes (a warm start still traces, then loads the compiled kernels).
 
-  python benchmarks/trace_study.py [--models sdxl,sd3,flux,pixart] \\
-      [--variants whole,dynamic,regional,whole-filtered,reuse-layers]
+  python benchmarks/trace_study.py [--models sdxl,sd3,flux,pixart] [--variants whole,dynamic,regional,whole-filtered]
 
 Runs on the CPU with the models on the meta device (real architectures and shapes, no weights, no
 memory), through ComfyUI's SDPA attention path as on a GPU. The backend does no compiling: the first
@@ -18,7 +17,7 @@ import time
 
 import torch
 
-VARIANTS = ("whole", "dynamic", "regional", "whole-filtered", "reuse-layers")
+VARIANTS = ("whole", "dynamic", "regional", "whole-filtered")
 
 
 def build(name: str):
@@ -72,9 +71,7 @@ def trace(net, kwargs: dict, variant: str) -> dict:
     graphs: list[int] = []
 
     def no_compile(gm, example_inputs):
-        # With reuse-layers each region's body is a graph of its own, counted once however often called.
-        bodies = [m for _, m in gm.named_children() if isinstance(m, torch.fx.GraphModule)]
-        graphs.append(len(gm.graph.nodes) + sum(len(m.graph.nodes) for m in bodies))
+        graphs.append(len(gm.graph.nodes))
         return gm.forward
 
     if variant == "regional":  # one compile per block class and layout, as diffboost's `regional` flag
@@ -88,10 +85,6 @@ def trace(net, kwargs: dict, variant: str) -> dict:
 
         blocks = repeated_blocks(net)
         fn = replace_submodules(net, lambda name, m: twin_calling(m, compile_block(m)) if type(m) in blocks else None)
-    elif variant == "reuse-layers":  # one graph; repeated attention and feed-forward layers traced once
-        from diffboost.backends.layer_regions import with_layer_regions
-
-        fn = torch.compile(with_layer_regions(net), backend=no_compile)
     else:
         # whole-filtered: with the guard filter diffboost's compiles pass (its own cost is torch building
         # one filter entry per guard).

@@ -178,34 +178,3 @@ def test_saved_graph_serves_a_restarted_comfyui_without_tracing_and_follows_a_lo
     _, compiled_lora = sample(comfy_host, with_lora)
     assert dynamo_graph_count() == before  # the LoRA's weights are the saved graph's inputs
     assert rel_err(compiled_lora, eager_lora) < TOLERANCE and rel_err(eager_lora, eager) > 0.05
-
-
-def test_reuse_layers_compiles_each_sdxl_layer_once_and_matches_eager(comfy_host, tiny_models, monkeypatch):
-    """`reuse-layers` with ComfyUI's attention through torch SDPA (its choice on a GPU, picked here as
-    --use-pytorch-cross-attention would): the attention and feed-forward layers become regions whose
-    code inductor writes once per layout and calls for every instance, inside the one graph of the step."""
-    import re
-
-    import comfy.ldm.modules.attention as attention
-
-    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
-    _, eager = sample(comfy_host, T.graph("sdxl", tiny_models, decode=False))
-    torch._dynamo.reset()
-    before = dynamo_graph_count()
-    code, compiled = compiled_code(comfy_host, "sdxl", tiny_models, insert=compile_node(mode="O2:reuse-layers"))
-    assert rel_err(compiled, eager) < TOLERANCE
-    assert dynamo_graph_count() - before == 1  # the whole step, attention included, one graph
-    written = re.findall(r"^def (repeated_subgraph\d+)\(", code, re.M)
-    called = re.findall(r"= (repeated_subgraph\d+)\(", code)
-    assert 0 < len(written) < len(called) and set(called) == set(written), (written, called)
-
-
-def test_reuse_layers_keeps_attention_that_breaks_the_graph_out_of_its_regions(comfy_host, tiny_models):
-    """On a CPU ComfyUI's attention asks for free memory at every call, a graph break that a region cannot
-    hold: those layers run inline as without the flag, and the compile still matches eager."""
-    _, eager = sample(comfy_host, T.graph("sdxl", tiny_models, decode=False))
-    torch._dynamo.reset()
-    result, compiled = sample(comfy_host, T.graph("sdxl", tiny_models, insert=compile_node(mode="O2:reuse-layers"),
-                                                  decode=False))
-    assert rel_err(compiled, eager) < TOLERANCE
-    assert "mode=O2:reuse-layers" in result.outputs[str(T.FIRST_INSERTED_ID)]["text"][0]

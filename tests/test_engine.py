@@ -60,8 +60,7 @@ def test_fuse_pass_fuses_qkv_and_keeps_the_result():
     assert counted == [3]  # one group of three projections per attention block
 
 
-@pytest.mark.parametrize("mode, fuse", [("default", False), ("default", True), ("regional", False),
-                                        ("reuse-layers", False)])
+@pytest.mark.parametrize("mode, fuse", [("default", False), ("default", True), ("regional", False)])
 def test_compiled_module_matches_eager_and_leaves_the_original_alone(mode, fuse):
     model = net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -151,7 +150,7 @@ def test_runtime_switches_are_restored_even_on_error():
     assert (cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch._dynamo.config.recompile_limit) == before
 
 
-@pytest.mark.parametrize("mode", ["default", "regional", "reuse-layers"])
+@pytest.mark.parametrize("mode", ["default", "regional"])
 def test_compiling_a_module_again_with_the_same_options_reuses_its_graphs(mode):
     """What Compile Model running again (an upstream LoRA change) does: no graph is built twice, the
     weights of the moment are used, and other options still compile their own graphs."""
@@ -354,24 +353,3 @@ def test_match_eager_rounds_as_eager_does():
             errors[mode] = ((out - eager).norm() / eager.norm()).item()
     # Fused kernels keep float32 between operations: 7.5e-3 from eager here; rounding as eager does, 1e-4.
     assert errors["default:match-eager"] < 1e-3 < errors["default"]
-
-
-def test_layer_regions_trace_each_repeated_layer_once_inside_one_graph():
-    from diffboost.backends.layer_regions import with_layer_regions
-
-    model, x = net(), torch.randn(2, 5, 32)
-    graphs = []
-
-    def capture(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(with_layer_regions(model, {f"{__name__}.Attention": False}), backend=capture)(x)
-    assert torch.allclose(out, model(x), atol=1e-5)
-    assert all(type(b) is Attention for b in model.blocks)  # the model itself is left as it was
-    (gm,) = graphs
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "invoke_subgraph" in str(n.target)]
-    bodies = {n.args[0].target for n in calls}  # the subgraph each call runs
-    assert len(calls) == 3 and len(bodies) == 1  # three Attention layers, traced once

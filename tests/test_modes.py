@@ -38,7 +38,6 @@ def test_flags_presets_and_torch_modes_mean_what_they_say():
     assert parse_mode("O2").skip_rewrites and parse_mode("O3").skip_rewrites
     assert parse_mode("O2").quick_schedule and parse_mode("O3").quick_schedule
     assert not parse_mode("O3").match_eager and not parse_mode("O3").multi_kernel
-    assert not parse_mode("O3").reuse_layers and parse_mode("O3:reuse-layers").reuse_layers  # opt-in
     assert parse_mode("reduce-overhead").flags() == ["cudagraphs"]
     assert parse_mode("max-autotune").flags() == ["max-autotune"]  # the seeds' flag wins over torch's mode
     assert parse_mode("max-autotune-no-cudagraphs").flags() == ["max-autotune"]
@@ -69,7 +68,6 @@ def test_inductor_settings_follow_the_flags():
     ("O4", "unknown part 'O4'"),
     ("jit:max-autotune", "contradicts itself"),
     ("jit:max-optimize", "contradicts itself"),
-    ("O3:regional:reuse-layers", "contradicts itself"),
 ])
 def test_malformed_or_contradictory_modes_say_what_is_wrong(text, message):
     with pytest.raises(ConfigError, match=message):
