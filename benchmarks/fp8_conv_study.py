@@ -48,6 +48,19 @@ CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stag
                                     (64, 64, 128, 4, 4), (128, 128, 128, 4, 8)]]
 
 
+@triton.jit
+def store_output(acc, rows, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ROWS, N_OUT, HP, WP):
+    """Scale, add the bias and store the tile's valid outputs: padded position rows -> channels-last rows."""
+    acc = acc * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + cols, mask=cols < N_OUT, other=0.0)[None, :]
+    acc += tl.load(bias_ptr + cols, mask=cols < N_OUT, other=0.0)[None, :].to(tl.float32)
+    image, pos = rows // (HP * WP), rows % (HP * WP)
+    h, w = pos // WP, pos % WP
+    valid = (rows < ROWS) & (h < HP - 2) & (w < WP - 2)
+    dst = (image * (HP - 2) + h) * (WP - 2) + w  # channels-last output row
+    tl.store(out_ptr + dst[:, None] * N_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=valid[:, None] & (cols[None, :] < N_OUT))
+
+
 @triton.autotune(configs=CONFIGS, key=["C", "N_OUT", "HP", "WP"])
 @triton.jit
 def conv3x3_fp8_kernel(x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ROWS, C, N_OUT, HP, WP,
@@ -67,14 +80,7 @@ def conv3x3_fp8_kernel(x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr
             b = tl.load(w_ptr + cols[None, :] * (9 * C) + (tap * C + k0 + ks)[:, None],
                         mask=(cols[None, :] < N_OUT) & ((k0 + ks)[:, None] < C), other=0.0)
             acc = tl.dot(a, b, acc)
-    acc = acc * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + cols, mask=cols < N_OUT, other=0.0)[None, :]
-    acc += tl.load(bias_ptr + cols, mask=cols < N_OUT, other=0.0)[None, :].to(tl.float32)
-    image, pos = rows // (HP * WP), rows % (HP * WP)
-    h, w = pos // WP, pos % WP
-    valid = (rows < ROWS) & (h < HP - 2) & (w < WP - 2)
-    dst = (image * (HP - 2) + h) * (WP - 2) + w  # channels-last output row
-    tl.store(out_ptr + dst[:, None] * N_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=valid[:, None] & (cols[None, :] < N_OUT))
+    store_output(acc, rows, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ROWS, N_OUT, HP, WP)
 
 
 TMA_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
@@ -104,14 +110,7 @@ def conv3x3_fp8_tma_kernel(x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out
             acc = tl.dot(a, b.T, acc)
     rows = r0 + tl.arange(0, BLOCK_M)
     cols = n0 + tl.arange(0, BLOCK_N)
-    acc = acc * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + cols, mask=cols < N_OUT, other=0.0)[None, :]
-    acc += tl.load(bias_ptr + cols, mask=cols < N_OUT, other=0.0)[None, :].to(tl.float32)
-    image, pos = rows // (HP * WP), rows % (HP * WP)
-    h, w = pos // WP, pos % WP
-    valid = (rows < ROWS) & (h < HP - 2) & (w < WP - 2)
-    dst = (image * (HP - 2) + h) * (WP - 2) + w
-    tl.store(out_ptr + dst[:, None] * N_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=valid[:, None] & (cols[None, :] < N_OUT))
+    store_output(acc, rows, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ROWS, N_OUT, HP, WP)
 
 
 def quantize_padded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

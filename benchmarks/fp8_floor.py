@@ -55,6 +55,25 @@ def graph_time_ms(fn, warmup: int, iters: int, repeats: int) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
+def record_calls(net, kwargs, layers, key_of) -> tuple[Counter, dict]:
+    """(Counter of key_of(module, input) -> calls in one forward of `net`, one module name per key), over
+    the (qualname, module) pairs of `layers`."""
+    calls: Counter = Counter()
+    example: dict = {}
+    hooks = []
+    for qualname, layer in layers:
+        def record(module, args, qualname=qualname):
+            key = key_of(qualname, module, args[0])
+            calls[key] += 1
+            example.setdefault(key, qualname)
+        hooks.append(layer.register_forward_pre_hook(record))
+    with torch.no_grad():
+        net(**kwargs, transformer_options={})
+    for h in hooks:
+        h.remove()
+    return calls, example
+
+
 def linear_calls(name: str) -> tuple[Counter, dict]:
     """(Counter of (M, K, N, has_bias, quantized by default) -> calls per denoiser call, one module
     name per key), from a forward of the real architecture on the meta device."""
@@ -63,44 +82,22 @@ def linear_calls(name: str) -> tuple[Counter, dict]:
 
     net, kwargs = build(name)
     chosen = choose_layers(net, QuantConfig.from_user("rowwise", ignore=DEFAULT_IGNORE)).quantized
-    calls: Counter = Counter()
-    example: dict = {}
-    hooks = []
-    for qualname, layer in linear_layers(net):
-        def record(module, args, qualname=qualname):
-            rows = args[0].numel() // module.in_features
-            key = (rows, module.in_features, module.out_features, module.bias is not None, qualname in chosen)
-            calls[key] += 1
-            example.setdefault(key, qualname)
-        hooks.append(layer.register_forward_pre_hook(record))
-    with torch.no_grad():
-        net(**kwargs, transformer_options={})
-    for h in hooks:
-        h.remove()
-    return calls, example
+
+    def key_of(qualname, module, x):
+        return (x.numel() // module.in_features, module.in_features, module.out_features, module.bias is not None,
+                qualname in chosen)
+    return record_calls(net, kwargs, linear_layers(net), key_of)
 
 
 def conv_calls(name: str) -> tuple[Counter, dict]:
     """(Counter of (batch, C, H, W, O, kh, kw, stride, padding) -> calls per denoiser call, one module
     name per key), from a forward of the real architecture on the meta device."""
     net, kwargs = build(name)
-    calls: Counter = Counter()
-    example: dict = {}
-    hooks = []
-    for qualname, layer in net.named_modules():
-        if not isinstance(layer, torch.nn.Conv2d):
-            continue
+    convs = [(q, m) for q, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
 
-        def record(module, args, qualname=qualname):
-            key = (*args[0].shape, module.out_channels, *module.kernel_size, module.stride[0], module.padding[0])
-            calls[key] += 1
-            example.setdefault(key, qualname)
-        hooks.append(layer.register_forward_pre_hook(record))
-    with torch.no_grad():
-        net(**kwargs, transformer_options={})
-    for h in hooks:
-        h.remove()
-    return calls, example
+    def key_of(qualname, module, x):
+        return (*x.shape, module.out_channels, *module.kernel_size, module.stride[0], module.padding[0])
+    return record_calls(net, kwargs, convs, key_of)
 
 
 def im2col(x: torch.Tensor, kh: int, kw: int, stride: int, padding: int) -> torch.Tensor:
