@@ -31,9 +31,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fp8_floor import graph_time_ms  # noqa: E402
-
-E4M3_MAX = 448.0
+from fp8_floor import conv_weight_matrix, graph_time_ms  # noqa: E402
 
 # (B, C, H, W, O, calls a step): SDXL's 3x3 stride-1 convolutions at 1024x1024 (fp8_floor.py --layers conv)
 SDXL_3X3 = [(2, 1280, 32, 32, 1280, 10), (2, 320, 128, 128, 320, 7), (2, 640, 64, 64, 640, 6),
@@ -115,16 +113,18 @@ def conv3x3_fp8_tma_kernel(x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out
 
 def quantize_padded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A (B, C, H, W) half input as e4m3 (B, H+2, W+2, C) with one float32 scale, zero-padded by one pixel."""
-    scale = x.abs().amax().float().clamp(min=1e-12) / E4M3_MAX
-    q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).permute(0, 2, 3, 1)
+    from diffboost.quant.fp8 import quantize
+
+    q, scale = quantize(x.permute(0, 2, 3, 1), "tensor")
     return F.pad(q.view(torch.uint8), (0, 0, 1, 1, 1, 1)).view(torch.float8_e4m3fn).contiguous(), scale
 
 
 def weight_matrix(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A (O, C, 3, 3) weight as e4m3 (O, 9*C), tap-major and channel-minor, with per-output-channel scales."""
-    m = w.float().permute(0, 2, 3, 1).reshape(w.shape[0], -1)
-    scale = m.abs().amax(dim=1).clamp(min=1e-12) / E4M3_MAX
-    return (m / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous(), scale
+    from diffboost.quant.fp8 import quantize
+
+    q, scale = quantize(conv_weight_matrix(w), "row")
+    return q.contiguous(), scale.reshape(-1)
 
 
 def conv3x3_fp8(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -147,7 +147,7 @@ KERNELS = {"pointer": conv3x3_fp8_kernel, "tma": conv3x3_fp8_tma_kernel}
 def time_shape(b, c, h, w, o, args) -> dict:
     dev, dt = torch.device("cuda"), torch.float16
     torch.manual_seed(0)
-    x = torch.nn.functional.silu(torch.randn(b, c, h, w, device=dev, dtype=dt)).to(memory_format=torch.channels_last)
+    x = F.silu(torch.randn(b, c, h, w, device=dev, dtype=dt)).to(memory_format=torch.channels_last)
     weight = (torch.randn(o, c, 3, 3, device=dev, dtype=dt) / (9 * c) ** 0.5).to(memory_format=torch.channels_last)
     bias = torch.randn(o, device=dev, dtype=dt) * 0.1
     xq, xs = quantize_padded(x)

@@ -211,6 +211,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def add_timing(row: dict, measure, *args) -> None:
+    """`row` updated with `measure(*args)`'s timings, or with its error for a shape the GPU's kernels refuse."""
+    try:
+        row.update(measure(*args))
+    except RuntimeError as e:  # e.g. a shape torch._scaled_mm does not take
+        row["error"] = str(e).splitlines()[0][:200]
+
+
 def linear_rows(name: str, args) -> list[dict]:
     calls, example = linear_calls(name)
     rows = []
@@ -219,10 +227,7 @@ def linear_rows(name: str, args) -> list[dict]:
         row = {"M": m, "K": k, "N": n, "bias": bias, "calls": count, "fp8_by_default": chosen,
                "example": example[(m, k, n, bias, chosen)], "gflop": 2 * m * k * n * count / 1e9}
         if not args.shapes_only and k % 16 == 0 and n % 16 == 0:
-            try:
-                row.update(time_call(m, k, n, bias, args))
-            except RuntimeError as e:  # e.g. a shape torch._scaled_mm does not take
-                row["error"] = str(e).splitlines()[0][:200]
+            add_timing(row, time_call, m, k, n, bias, args)
         rows.append(row)
         print(json.dumps({"model": name, **row}), flush=True)
     return rows
@@ -236,10 +241,7 @@ def conv_rows(name: str, args) -> list[dict]:
         row = {"batch": b, "C": c, "H": h, "W": w, "O": o, "kernel": kh, "stride": stride, "padding": padding,
                "calls": count, "example": example[key], "gflop": conv_gflop(key) * count}
         if not args.shapes_only and (c * kh * kw) % 16 == 0 and o % 16 == 0:
-            try:
-                row.update(time_conv(*key, args))
-            except RuntimeError as e:
-                row["error"] = str(e).splitlines()[0][:200]
+            add_timing(row, time_conv, *key, args)
         rows.append(row)
         print(json.dumps({"model": name, **row}), flush=True)
     return rows
