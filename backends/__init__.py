@@ -18,8 +18,15 @@ registry.register(ONEFLOW)
 def compile_module(module, options: CompileOptions, label: str = "model",
                    passthrough_errors: tuple = (), cache: CompileCache | None = None) -> CompiledModule:
     """Compile `module` with the backend `options` names. Raises ConfigError or BackendUnavailable
-    at once, before anything is built, when the backend is unknown or cannot run here."""
+    at once, before anything is built, when the backend is unknown or cannot run here (or a mode flag
+    needs what is missing here)."""
     backend = registry.get_available(options.backend)
+    if options.mode.flash_attn_4:
+        from .flash_attention import unavailable_reason
+
+        if reason := unavailable_reason():
+            raise BackendUnavailable(f"mode '{options.mode.text}' asks for flash-attn-4, but {reason}; "
+                                     "or drop 'flash-attn-4' from the mode")
     return CompiledModule(module, options, backend, label=label, passthrough_errors=passthrough_errors,
                           cache=cache)
 

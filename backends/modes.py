@@ -28,6 +28,8 @@ FLAGS = {
                       "100 s on an H200) at the same speed",
     "match-eager": "round to fp16/bf16 after every operation inside fused kernels, as the uncompiled model does, "
                    "so the result matches ComfyUI's own (random-weight DiTs amplify that rounding over the steps)",
+    "flash-attn-4": "run long self-attention (2048 tokens or more) with FlashAttention's CuTe kernels (the "
+                    "flash-attn-4 package, Hopper or Blackwell GPUs) instead of torch's",
     "fuse-rope": "compute the rotary embedding (RoPE) in the compiled graph, fused with its neighbours, instead of "
                  "calling comfy_kitchen's separate kernel (Flux and other DiTs with RoPE)",
 }
@@ -45,7 +47,8 @@ FLAGS = {
 # uncompiled), so it compiles anew in every process and stays opt-in. match-eager costs speed on some
 # models (PixArt 0.7%) and is measured on some only, so it stays opt-in. quick-schedule shortened every
 # model's cold first call on an H200 (SDXL 118 -> 100 s, Flux's blocks 23 -> 15 s, SD3 44 -> 40 s,
-# PixArt 39 -> 38 s) at the same error and -0.2% to +1% speed.
+# PixArt 39 -> 38 s) at the same error and -0.2% to +1% speed. flash-attn-4 (SD3 +7.2%, PixArt +8.3%,
+# Flux +1.5% on an H200) needs an optional package and a Hopper or Blackwell GPU, so no preset has it.
 PRESETS = {
     "O2": ("cudagraphs", "benchmark", "cache-all", "fuse-rope", "skip-rewrites", "quick-schedule"),
     "O3": ("cudagraphs", "low-precision", "benchmark", "cache-all", "fuse-rope", "skip-rewrites", "quick-schedule"),
@@ -65,7 +68,7 @@ CONFLICTS = {
     frozenset({"jit", "max-optimize"}): "'jit' asks for a quick compile, 'max-optimize' for a long one",
 }
 
-MODE_CHOICES = ["O2", "O3", "O3:regional", "O3:match-eager", *TORCH_MODES,
+MODE_CHOICES = ["O2", "O3", "O3:regional", "O3:match-eager", "O3:flash-attn-4", *TORCH_MODES,
                 "max-optimize:max-autotune:low-precision",
                 "max-optimize:max-autotune:freezing:benchmark:low-precision:cudagraphs:cache-all"]
 
@@ -89,6 +92,7 @@ class CompileMode:
     match_eager: bool = False
     skip_rewrites: bool = False
     quick_schedule: bool = False
+    flash_attn_4: bool = False
     text: str = "default"
 
     def flags(self) -> list[str]:

@@ -133,6 +133,20 @@ def test_missing_onediff_backend_fails_at_once_naming_node_and_alternative(comfy
     comfy_host.run_prompt(T.graph("sd15", tiny_models, decode=False, seed=12)).check()
 
 
+def test_flash_attn_4_where_it_cannot_run_fails_at_once_saying_what_is_missing(comfy_host, tiny_models):
+    from diffboost.backends.flash_attention import unavailable_reason
+
+    if unavailable_reason() is None:
+        pytest.skip("flash-attn-4 can run here")
+    result = comfy_host.run_prompt(T.graph("sd15", tiny_models, insert=compile_node(mode="O3:flash-attn-4"),
+                                           decode=False))
+    assert not result.success
+    assert f"Compile Model (diffboost), node {T.FIRST_INSERTED_ID}" in result.error
+    assert "asks for flash-attn-4, but flash-attn-4 needs a CUDA GPU" in result.error
+    assert "drop 'flash-attn-4' from the mode" in result.error
+    comfy_host.run_prompt(T.graph("sd15", tiny_models, decode=False, seed=13)).check()
+
+
 def test_real_server_runs_a_compiled_graph(comfy_server, tiny_models):
     prompt = T.graph("sd15", tiny_models, insert=compile_node(), key="server-compiled")
     run, history = comfy_server.run(prompt)

@@ -38,6 +38,8 @@ def test_flags_presets_and_torch_modes_mean_what_they_say():
     assert parse_mode("O2").skip_rewrites and parse_mode("O3").skip_rewrites
     assert parse_mode("O2").quick_schedule and parse_mode("O3").quick_schedule
     assert not parse_mode("O3").match_eager and not parse_mode("O3").multi_kernel
+    assert not parse_mode("O3").flash_attn_4  # an optional package: opt-in, never in a preset
+    assert "flash-attn-4" in parse_mode("O3:flash-attn-4").flags()
     assert parse_mode("reduce-overhead").flags() == ["cudagraphs"]
     assert parse_mode("max-autotune").flags() == ["max-autotune"]  # the seeds' flag wins over torch's mode
     assert parse_mode("max-autotune-no-cudagraphs").flags() == ["max-autotune"]

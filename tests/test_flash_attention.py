@@ -1,0 +1,104 @@
+"""flash-attn-4's graph pass on real torch.compile traces: which attention calls it hands to
+FlashAttention, and that the rewritten graph computes what torch's SDPA does. On the CPU the op runs
+its SDPA reference kernel; the CuTe kernels themselves are timed and checked on the GPU
+(`benchmarks/attention_bench.py --fa4`, RESULTS.md)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffboost.backends import flash_attention as fa
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # each test's shapes traced afresh, not made dynamic by the test before
+
+
+def compiled_counting(fn):
+    """`fn` compiled whole, with the pass applied to its graph (CPU tensors allowed); the list of
+    how many calls the pass replaced in each graph compiled."""
+    counts = []
+
+    def backend(gm, inputs):
+        counts.append(fa.use_flash_attention(gm, devices=("cpu",)))
+        return gm.forward
+
+    return torch.compile(fn, backend=backend, fullgraph=True), counts
+
+
+def joint_attention(image, prompt, heads: int, mask=None):
+    """Prompt and image tokens attending jointly (SD3, Flux), in ComfyUI's layout: (batch, tokens,
+    heads x dim) viewed as heads and transposed for SDPA, and back."""
+    x = torch.cat([prompt, image], dim=1)
+    b, n, c = x.shape
+    q = x.view(b, n, heads, c // heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, q * 0.5, q.flip(-1), attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, n, c)
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def inputs(dtype=torch.bfloat16, width=64, prompt_tokens=7):
+    g = torch.Generator().manual_seed(0)
+    image, prompt = torch.randn(2, 40, width, generator=g), torch.randn(2, prompt_tokens, width, generator=g)
+    return image.to(dtype), prompt.to(dtype)
+
+
+def test_long_attention_runs_through_the_op_and_matches_sdpa(monkeypatch):
+    monkeypatch.setattr(fa, "MIN_TOKENS", 32)
+    image, prompt = inputs()
+    fn, counts = compiled_counting(joint_attention)
+    out = fn(image, prompt, 4)
+    assert counts == [1]
+    assert out.shape == (2, 47, 64)
+    assert rel_err(out, joint_attention(image, prompt, 4)) < 1e-3
+
+
+def test_a_prompt_length_that_may_change_qualifies_only_if_every_length_is_long(monkeypatch, caplog):
+    image, prompt = inputs()
+    torch._dynamo.mark_dynamic(prompt, 1)  # as Compile Model keeps the prompt's length dynamic
+    monkeypatch.setattr(fa, "MIN_TOKENS", 32)  # 40 image tokens plus any prompt: always long enough
+    fn, counts = compiled_counting(joint_attention)
+    fn(image, prompt, 4)
+    shorter = inputs(prompt_tokens=9)[1]
+    assert rel_err(fn(image, shorter, 4), joint_attention(image, shorter, 4)) < 1e-3
+    assert counts == [1]  # one graph for both prompt lengths
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(fa, "MIN_TOKENS", 64)  # long enough only for some prompt lengths: torch's kernel
+    fn, counts = compiled_counting(joint_attention)
+    with caplog.at_level(logging.INFO, logger="diffboost"):
+        fn(image, prompt, 4)
+    assert counts == [0]
+    assert "flash-attn-4 runs 0 of 1 attention calls" in caplog.text and "tokens" in caplog.text
+
+
+@pytest.mark.parametrize("case, why", [
+    ("mask", "a mask, dropout or causal attention"),
+    ("float32", "dtypes"),
+    ("head dim 12", "shapes"),
+    ("short", "tokens"),
+])
+def test_calls_the_kernels_do_not_take_stay_with_torch(monkeypatch, caplog, case, why):
+    monkeypatch.setattr(fa, "MIN_TOKENS", 2048 if case == "short" else 32)
+    image, prompt = inputs(dtype=torch.float32 if case == "float32" else torch.bfloat16,
+                           width=48 if case == "head dim 12" else 64)
+    mask = torch.zeros(47, 47, dtype=image.dtype) if case == "mask" else None
+    fn, counts = compiled_counting(joint_attention)
+    with caplog.at_level(logging.INFO, logger="diffboost"):
+        out = fn(image, prompt, 4, mask)
+    assert counts == [0] and why in caplog.text
+    assert rel_err(out, joint_attention(image, prompt, 4, mask)) < 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_the_reason_says_so():
+    fa.unavailable_reason.cache_clear()
+    assert fa.unavailable_reason() == "flash-attn-4 needs a CUDA GPU"
