@@ -41,33 +41,42 @@ def unavailable_reason() -> str | None:
     return None
 
 
-@torch.library.custom_op("diffboost::flash_attention", mutates_args=())
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v over (batch, tokens, heads, head dim) inputs, on the GPU."""
-    from flash_attn.cute import flash_attn_func
+def _define():
+    """Define the op diffboost::flash_attention; returns it."""
 
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    with torch.no_grad():
-        return flash_attn_func(q, k, v, softmax_scale=scale)[0]
+    @torch.library.custom_op("diffboost::flash_attention", mutates_args=())
+    def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """softmax(q kᵀ · scale) v over (batch, tokens, heads, head dim) inputs, on the GPU."""
+        from flash_attn.cute import flash_attn_func
+
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        with torch.no_grad():
+            return flash_attn_func(q, k, v, softmax_scale=scale)[0]
+
+    @flash_attention.register_fake
+    def _(q, k, v, scale):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    @flash_attention.register_kernel("cpu")
+    def _(q, k, v, scale):
+        # The same arithmetic through torch's SDPA: a reference, so that graphs using the op run anywhere.
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), scale=scale)
+        return out.transpose(1, 2).contiguous()
+
+    return flash_attention
 
 
-@flash_attention.register_fake
-def _(q, k, v, scale):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
-
-
-@flash_attention.register_kernel("cpu")
-def _(q, k, v, scale):
-    # The same arithmetic through torch's SDPA: a reference, so that graphs using the op run anywhere.
-    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                           v.transpose(1, 2), scale=scale)
-    return out.transpose(1, 2).contiguous()
+# Defined once per process: ComfyUI loads the pack as its own copy of these modules beside the
+# installed package (quant/kernels.py does the same).
+flash_attention = (torch.ops.diffboost.flash_attention if hasattr(torch.ops.diffboost, "flash_attention")
+                   else _define())
 
 
 def sdpa_as_flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                             enable_gqa=False):
-    """torch's SDPA call (inputs batch, heads, tokens, dim) through `flash_attention`; only for calls
-    `fits` accepted (no mask, no dropout, not causal)."""
+    """torch's SDPA call (inputs batch, heads, tokens, dim) through `flash_attention`; only for the
+    calls `use_flash_attention` sends (no mask, no dropout, not causal)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
     return out.transpose(1, 2)
@@ -101,7 +110,7 @@ def _unfit_call(node: torch.fx.Node, devices: tuple[str, ...]) -> str | None:
     if extra.get("attn_mask") is not None or extra.get("is_causal", False) is not False \
             or extra.get("dropout_p", 0.0) != 0.0 or extra.get("enable_gqa", False) is not False \
             or isinstance(extra.get("scale"), torch.fx.Node):
-        return "a mask, dropout or causal attention"
+        return "a mask, dropout, causal attention or a computed scale"
     tensors = [a.meta.get("example_value") if isinstance(a, torch.fx.Node) else None for a in node.args[:3]]
     if len(tensors) < 3 or tensors[0] is None:
         return "inputs unknown"
@@ -109,7 +118,8 @@ def _unfit_call(node: torch.fx.Node, devices: tuple[str, ...]) -> str | None:
 
 
 def use_flash_attention(gm: torch.fx.GraphModule, devices: tuple[str, ...] = ("cuda",)) -> int:
-    """Send the SDPA calls of `gm` that qualify to FlashAttention. Returns how many were sent."""
+    """Send the SDPA calls of `gm` that qualify to FlashAttention. Returns how many were sent. `devices`:
+    where their inputs must be (the GPU; the tests also allow the CPU, where the op is a reference)."""
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA]
     kept: dict[str, int] = {}
     for node in calls:

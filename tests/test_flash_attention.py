@@ -81,7 +81,7 @@ def test_a_prompt_length_that_may_change_qualifies_only_if_every_length_is_long(
 
 
 @pytest.mark.parametrize("case, why", [
-    ("mask", "a mask, dropout or causal attention"),
+    ("mask", "a mask, dropout, causal attention"),
     ("float32", "dtypes"),
     ("head dim 12", "shapes"),
     ("short", "tokens"),
