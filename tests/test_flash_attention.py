@@ -6,12 +6,17 @@ its SDPA reference kernel; the CuTe kernels themselves are timed and checked on 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from diffboost.backends import flash_attention as fa
+from diffboost.backends import saved_graph
 
 
 @pytest.fixture(autouse=True)
@@ -102,3 +107,44 @@ def test_calls_the_kernels_do_not_take_stay_with_torch(monkeypatch, caplog, case
 def test_without_a_gpu_the_reason_says_so():
     fa.unavailable_reason.cache_clear()
     assert fa.unavailable_reason() == "flash-attn-4 needs a CUDA GPU"
+
+
+# Compiles a call of the op ahead of time and saves it ("save"), or loads it in a new process and prints
+# its difference from SDPA ("load"), the way a restarted ComfyUI runs a saved graph of a flash-attn-4 model.
+SAVE_OR_LOAD = textwrap.dedent("""
+    import sys
+    import torch
+    from diffboost.backends import saved_graph
+    from diffboost.backends.flash_attention import flash_attention
+    from diffboost.backends.inductor import _counting_inductor
+    from diffboost.backends.options import CompileOptions
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return flash_attention(q, k, v, 0.25) * 2
+
+    path, step = sys.argv[1], sys.argv[2]
+    q, k, v = (torch.randn(1, 64, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    model = Attention()
+    if step == "save":
+        backend = _counting_inductor(CompileOptions(), lambda: None)
+        fn = saved_graph._compile_ahead(type(model).forward, ((model, q, k, v), {}), backend,
+                                        lambda entries: [not e.is_global for e in entries])
+        fn.save_compiled_function(path)
+    else:
+        with open(path, "rb") as f:
+            fn = saved_graph._deserialize(f.read(), {})
+        ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=0.25)
+        print(float((fn(model, q, k, v) - ref.transpose(1, 2) * 2).abs().max()))
+""")
+
+
+@pytest.mark.skipif(not saved_graph.supported(), reason="this torch cannot save a compiled call")
+def test_a_saved_graph_holding_the_op_runs_in_a_new_process(tmp_path):
+    path = tmp_path / "attention.graph"
+    for step in ("save", "load"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{step}")}
+        done = subprocess.run([sys.executable, "-c", SAVE_OR_LOAD, str(path), step], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-5
