@@ -96,16 +96,16 @@ def fa4_shape_rows(where: str, b: int, h: int, n: int, d: int, g: torch.Generato
 
 def _timed_row(row: dict, fn, ref: torch.Tensor, flop: int) -> dict:
     """Time `fn` and compare its output with `ref`; a failure is a row too."""
+    label = f"{row['shape']:42} {row.get('dtype', ''):9} {row['backend']:30}"
     try:
         for _ in range(3):  # the first calls build kernels and record CUDA graphs
             out = fn()
         ms = time_ms(fn)
         row.update(ms=round(ms, 4), tflops=round(flop / ms / 1e9, 1), rel_err=relative_error(out, ref))
-        print(f"{row['shape']:42} {row['backend']:30} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s  "
-              f"rel err {row['rel_err']:.2e}", flush=True)
+        print(f"{label} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s  rel err {row['rel_err']:.2e}", flush=True)
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        print(f"{row['shape']:42} {row['backend']:30} {row['error']}", flush=True)
+        print(f"{label} {row['error']}", flush=True)
     return row
 
 
@@ -126,18 +126,9 @@ def main() -> None:
             flop = 4 * b * h * n * n * d
             for name, backend in BACKENDS.items():
                 row = {"shape": where, "dims": [b, h, n, d], "dtype": str(dtype).split(".")[-1], "backend": name}
-                try:
-                    with sdpa_kernel([backend]):
-                        out = F.scaled_dot_product_attention(q, k, v)
-                        ms = time_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
-                    err = relative_error(out, ref)
-                    row.update(ms=round(ms, 4), tflops=round(flop / ms / 1e9, 1), rel_err=err)
-                except Exception as e:  # a backend that does not take this shape is a row too
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                rows.append(row)
-                print(f"{where:42} {row['dtype']:9} {name:9} " + (
-                    f"{row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s  rel err {row['rel_err']:.2e}"
-                    if "ms" in row else row["error"]), flush=True)
+                with sdpa_kernel([backend]):  # a backend that does not take this shape is a row too
+                    rows.append(_timed_row(row, lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+                                           ref, flop))
     if args.fa4 or args.only_fa4:
         rows += fa4_rows(SHAPES)
     if args.json:
