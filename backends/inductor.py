@@ -14,6 +14,7 @@
 | regional        | each repeated block compiled once, reused by all its instances (stand-in tree)   |
 | fuse-rope       | graph pass: comfy_kitchen's RoPE ops become plain torch that inductor fuses      |
 | flash-attn-4    | graph pass: long self-attention calls go to FlashAttention's CuTe kernels        |
+| gelu-epilogue   | graph pass: linear + tanh-GELU becomes one cuBLAS matmul with a GELU epilogue    |
 | multi-kernel    | triton.multi_kernel=1 (persistent and looped reductions, the faster one kept);   |
 |                 | fx_graph_cache=False and no saved graph (torch 2.11 cannot load them back)       |
 | skip-rewrites   | pattern_matcher=False (no pattern-matching passes on the traced graph)            |
@@ -36,6 +37,7 @@ from .base import Backend
 from .cache import parameter_layout
 from .flash_attention import use_flash_attention
 from .fuse import fuse_parallel_linears
+from .gelu_epilogue import use_gelu_epilogue
 from .latent_blocks import LatentInBlocks, dispatching
 from .modes import CompileMode
 from .options import CompileOptions
@@ -85,11 +87,12 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
     """Inductor that reports each graph it compiles and applies the graph passes we own."""
 
     def __init__(self, settings: dict, dynamic: bool | None, fuse_qkv: bool, on_graph: Callable[[], None],
-                 rope: bool = False, flash_attention: bool = False):
+                 rope: bool = False, flash_attention: bool = False, gelu_epilogue: bool = False):
         super().__init__(None, settings, dynamic)
         self._fuse_qkv = fuse_qkv
         self._fuse_rope = rope
         self._flash_attention = flash_attention
+        self._gelu_epilogue = gelu_epilogue
         self.count_to(on_graph)
 
     def count_to(self, on_graph: Callable[[], None]) -> None:
@@ -109,6 +112,8 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
             fuse_rope(model_)
         if self._flash_attention:
             use_flash_attention(model_)
+        if self._gelu_epilogue:
+            use_gelu_epilogue(model_)
         return super().__call__(model_, inputs_, **kwargs)
 
 
@@ -116,7 +121,7 @@ def _counting_inductor(options: CompileOptions, on_graph: Callable[[], None]) ->
     """The inductor backend `options` ask for, reporting each graph to `on_graph`."""
     return _CountingInductor(inductor_settings(options.mode, options.memory_format), options.dynamic_flag,
                              options.fuse_qkv, on_graph, rope=options.mode.fuse_rope,
-                             flash_attention=options.mode.flash_attn_4)
+                             flash_attention=options.mode.flash_attn_4, gelu_epilogue=options.mode.gelu_epilogue)
 
 
 # transformer_options entries that change between prompts (the sampler's wrappers and callbacks, the

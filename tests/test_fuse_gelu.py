@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.comfy_modules import comfy_flux, comfy_sd3
 
 from diffboost.quant import DEFAULT_IGNORE, Fp8Linear, QuantConfig, quantized_standin
 from diffboost.quant.kernels import gelu_quantize_rows, reference
@@ -21,49 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def seeded(net: torch.nn.Module) -> torch.nn.Module:
-    """`net` with the tiny checkpoints' seeded weights (every parameter and buffer: ComfyUI's modules
-    leave some uninitialised, such as SD3's position embedding)."""
-    from helpers import tiny_models as T
-
-    net.load_state_dict(T._random(T._meta_shapes(net), seed=0, dtype=torch.float32))
-    return net.eval()
-
-
-def comfy_flux():
-    """ComfyUI's Flux with one double and one single block, 256 wide."""
-    from comfy.ldm.flux.model import Flux
-    from helpers.tiny_models import FLUX
-
-    config = {k: v for k, v in FLUX.items() if k != "image_model"}
-    config.update(hidden_size=256, num_heads=4, axes_dim=[16, 24, 24], context_in_dim=64, vec_in_dim=32,
-                  depth=1, depth_single_blocks=1)
-    net = seeded(Flux(**config, dtype=torch.float32, device="cpu", operations=_ops()))
-    g = torch.Generator().manual_seed(1)
-    kwargs = {"x": torch.randn(1, 16, 8, 8, generator=g), "timestep": torch.tensor([0.7]),
-              "context": torch.randn(1, 8, 64, generator=g), "y": torch.randn(1, 32, generator=g),
-              "guidance": torch.tensor([3.5])}
-    return net, kwargs
-
-
-def comfy_sd3():
-    """ComfyUI's MMDiT as the tiny SD3 checkpoint's (2 joint blocks, 128 wide)."""
-    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
-    from helpers.tiny_models import SD3
-
-    net = seeded(OpenAISignatureMMDITWrapper(**SD3, dtype=torch.float32, device="cpu", operations=_ops()))
-    g = torch.Generator().manual_seed(1)
-    kwargs = {"x": torch.randn(2, 16, 8, 8, generator=g), "timesteps": torch.tensor([0.5, 0.5]),
-              "context": torch.randn(2, 8, 4096, generator=g), "y": torch.randn(2, 2048, generator=g)}
-    return net, kwargs
-
-
-def _ops():
-    import comfy.ops
-
-    return comfy.ops.disable_weight_init
 
 
 def standin(net, fuse_gelu: bool, quant_type: str = "rowwise"):

@@ -37,6 +37,7 @@ def test_flags_presets_and_torch_modes_mean_what_they_say():
     assert parse_mode("O2").fuse_rope and parse_mode("O3").fuse_rope
     assert parse_mode("O2").skip_rewrites and parse_mode("O3").skip_rewrites
     assert parse_mode("O2").quick_schedule and parse_mode("O3").quick_schedule
+    assert parse_mode("O2").gelu_epilogue and parse_mode("O3").gelu_epilogue
     assert not parse_mode("O3").match_eager and not parse_mode("O3").multi_kernel
     assert not parse_mode("O3").flash_attn_4  # an optional package: opt-in, never in a preset
     assert "flash-attn-4" in parse_mode("O3:flash-attn-4").flags()

@@ -1,0 +1,122 @@
+"""gelu-epilogue's graph pass on real torch.compile traces of ComfyUI's own DiT modules: which
+linear + tanh-GELU pairs become one matrix multiply with the GELU inside, and that the rewritten graph
+computes what the model does. On the CPU `linear_gelu` is the plain computation; the GPU's cuBLAS
+epilogue is timed and checked in benchmarks/gelu_epilogue_bench.py (RESULTS.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.comfy_modules import comfy_flux, comfy_sd3
+
+from diffboost.backends import gelu_epilogue as ge
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+
+
+def compiled_counting(fn):
+    """`fn` compiled with the pass applied to each graph (CPU tensors allowed), and the list of how
+    many pairs it rewrote in each graph."""
+    counts = []
+
+    def backend(gm, inputs):
+        counts.append(ge.use_gelu_epilogue(gm, devices=("cpu",)))
+        return gm.forward
+
+    return torch.compile(fn, backend=backend), counts
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("arch, pairs", [
+    ("sd3", 3),  # the image MLP of both joint blocks, the prompt MLP of the first (the last block has none)
+    ("flux", 2),  # the double block's image and prompt MLPs; the single block's GELU follows a split
+])
+def test_the_mlps_of_comfyui_s_dits_get_their_gelu_inside_the_matmul(comfy_host, arch, pairs):
+    net, kwargs = comfy_sd3() if arch == "sd3" else comfy_flux()
+    net = net.to(torch.bfloat16)
+    kwargs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in kwargs.items()}
+    originals = {n: type(m) for n, m in net.named_modules()}
+    fn, counts = compiled_counting(net)
+    with torch.no_grad():
+        expected, out = net(**kwargs), fn(**kwargs)
+    assert sum(counts) == pairs
+    assert torch.equal(out, expected)  # on the CPU the fused call is the same arithmetic
+    assert {n: type(m) for n, m in net.named_modules()} == originals  # the model itself is untouched
+
+
+def mlp(x, w1, b1, w2, b2, approximate="tanh"):
+    return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+
+
+def weights(dtype=torch.bfloat16, bias=True):
+    g = torch.Generator().manual_seed(0)
+    x, w1, w2 = torch.randn(2, 5, 16, generator=g), torch.randn(64, 16, generator=g), torch.randn(16, 64, generator=g)
+    b1, b2 = (torch.randn(64, generator=g), torch.randn(16, generator=g)) if bias else (None, None)
+    return [t if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2)]
+
+
+def test_a_biased_half_precision_linear_then_tanh_gelu_is_rewritten_and_matches():
+    fn, counts = compiled_counting(mlp)
+    args = weights()
+    assert rel_err(fn(*args), mlp(*args)) < 1e-6
+    assert counts == [1]
+
+
+def used_twice(x, w1, b1, w2, b2):
+    h = F.linear(x, w1, b1)
+    return F.gelu(h, approximate="tanh") + h
+
+
+@pytest.mark.parametrize("why, fn, args", [
+    ("exact GELU", lambda *a: mlp(*a, approximate="none"), weights()),
+    ("float32", mlp, weights(torch.float32)),
+    ("no bias", mlp, weights(bias=False)),
+    ("the linear's output also used elsewhere", used_twice, weights()),
+])
+def test_other_pairs_stay_as_they_are(why, fn, args):
+    compiled, counts = compiled_counting(fn)
+    assert rel_err(compiled(*args), fn(*args)) < 1e-6
+    assert counts == [0], why
+
+
+def test_the_gpu_s_single_call_takes_its_operands_in_the_right_order():
+    """`matmul_with_gelu` is the call the GPU runs. On the CPU the same aten op applies the exact GELU, so
+    compare it with that: the bias, the weight's transpose and the token dimensions are all checked."""
+    x, w1, b1, _, _ = weights(torch.float32)
+    expected = F.gelu(F.linear(x, w1, b1))
+    out = ge.matmul_with_gelu(x, w1, b1)
+    assert out.shape == (2, 5, 64)
+    assert rel_err(out, expected) < 1e-6
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+        self.act = torch.nn.GELU(approximate="tanh")
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_compile_model_s_presets_apply_the_pass_inside_inductor(monkeypatch, caplog):
+    """O3 through the engine's inductor backend, with the pass allowed on the CPU: the log says what it
+    rewrote, and inductor's compiled result equals the module's."""
+    from helpers.compile_caches import without_compile_caches
+
+    from diffboost.backends import CompileOptions, compile_module
+
+    monkeypatch.setattr(ge, "DEVICES", ("cuda", "cpu"))
+    model, x = Mlp().to(torch.bfloat16).eval(), weights()[0]
+    with torch.no_grad(), without_compile_caches(), caplog.at_level("INFO", logger="diffboost"):
+        out = compile_module(model, CompileOptions.from_user("inductor", "O3"))(x)
+        expected = model(x)
+    assert "gelu-epilogue computes 1 tanh-GELUs" in caplog.text
+    assert rel_err(out, expected) < 1e-2  # inductor keeps fp32 between the fused operations, eager rounds
