@@ -34,20 +34,32 @@ def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("arch, pairs", [
-    ("sd3", 3),  # the image MLP of both joint blocks, the prompt MLP of the first (the last block has none)
-    ("flux", 2),  # the double block's image and prompt MLPs; the single block's GELU follows a split
+def pytorch_attention(func, *args, **kwargs):
+    """ComfyUI's own attention override: its SDPA attention, which traces into one graph on the CPU too
+    (the CPU's default attention asks for free memory, a graph break)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
+@pytest.mark.parametrize("arch, pairs, tolerance", [
+    # the image MLP of both joint blocks, the prompt MLP of the first (the last block has none): the same
+    # arithmetic on the CPU
+    ("sd3", 3, 0.0),
+    # the double block's image and prompt MLPs; the single block's GELU follows a split and stays
+    ("flux", 2, 0.0),
 ])
-def test_the_mlps_of_comfyui_s_dits_get_their_gelu_inside_the_matmul(comfy_host, arch, pairs):
+def test_the_mlps_of_comfyui_s_dits_get_their_gelu_inside_the_matmul(comfy_host, arch, pairs, tolerance):
     net, kwargs = comfy_sd3() if arch == "sd3" else comfy_flux()
     net = net.to(torch.bfloat16)
     kwargs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in kwargs.items()}
+    kwargs["transformer_options"] = {"optimized_attention_override": pytorch_attention}
     originals = {n: type(m) for n, m in net.named_modules()}
     fn, counts = compiled_counting(net)
     with torch.no_grad():
         expected, out = net(**kwargs), fn(**kwargs)
-    assert sum(counts) == pairs
-    assert torch.equal(out, expected)  # on the CPU the fused call is the same arithmetic
+    assert counts == [pairs]  # one graph
+    assert rel_err(out, expected) <= tolerance
     assert {n: type(m) for n, m in net.named_modules()} == originals  # the model itself is untouched
 
 
