@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)  # how a captured graph calls a linear layer
 
 
 def fuse_parallel_linears(gm: torch.fx.GraphModule) -> int:
@@ -16,7 +16,7 @@ def fuse_parallel_linears(gm: torch.fx.GraphModule) -> int:
     the graph on each call, so patched (LoRA) weights are always the ones used."""
     groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _LINEAR and len(node.args) >= 2 and not node.kwargs:
+        if node.op == "call_function" and node.target in LINEAR and len(node.args) >= 2 and not node.kwargs:
             groups.setdefault(node.args[0], []).append(node)
     fused = 0
     for x, linears in groups.items():

@@ -12,9 +12,10 @@ import logging
 import torch
 import torch.fx
 
+from .fuse import LINEAR
+
 log = logging.getLogger("diffboost")
 
-_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 _GELU = (torch._C._nn.gelu, torch.nn.functional.gelu)
 DEVICES = ("cuda",)  # where the pass rewrites: the GPU, where the GELU is cuBLASLt's epilogue
 
@@ -44,7 +45,7 @@ def _is_tanh_gelu(node: torch.fx.Node) -> bool:
 def _fits(linear: torch.fx.Node, devices: tuple[str, ...]) -> bool:
     """A linear layer with a bias (the epilogue adds it) whose only user is the GELU, with half-precision
     inputs on one of `devices`."""
-    if linear.op != "call_function" or linear.target not in _LINEAR or linear.kwargs or len(linear.args) != 3:
+    if linear.op != "call_function" or linear.target not in LINEAR or linear.kwargs or len(linear.args) != 3:
         return False
     if len(linear.users) != 1 or not all(isinstance(a, torch.fx.Node) for a in linear.args):
         return False

@@ -86,13 +86,10 @@ def inductor_settings(mode: CompileMode, memory_format: str = "preserve") -> dic
 class _CountingInductor(torch._TorchCompileInductorWrapper):
     """Inductor that reports each graph it compiles and applies the graph passes we own."""
 
-    def __init__(self, settings: dict, dynamic: bool | None, fuse_qkv: bool, on_graph: Callable[[], None],
-                 rope: bool = False, flash_attention: bool = False, gelu_epilogue: bool = False):
+    def __init__(self, settings: dict, dynamic: bool | None, graph_passes: list[Callable[[torch.fx.GraphModule], int]],
+                 on_graph: Callable[[], None]):
         super().__init__(None, settings, dynamic)
-        self._fuse_qkv = fuse_qkv
-        self._fuse_rope = rope
-        self._flash_attention = flash_attention
-        self._gelu_epilogue = gelu_epilogue
+        self._graph_passes = graph_passes
         self.count_to(on_graph)
 
     def count_to(self, on_graph: Callable[[], None]) -> None:
@@ -106,22 +103,23 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
 
     def __call__(self, model_, inputs_, **kwargs):
         self._on_graph()
-        if self._fuse_qkv:
-            fuse_parallel_linears(model_)
-        if self._fuse_rope:
-            fuse_rope(model_)
-        if self._flash_attention:
-            use_flash_attention(model_)
-        if self._gelu_epilogue:
-            use_gelu_epilogue(model_)
+        for graph_pass in self._graph_passes:
+            graph_pass(model_)
         return super().__call__(model_, inputs_, **kwargs)
+
+
+def graph_passes(options: CompileOptions) -> list[Callable[[torch.fx.GraphModule], int]]:
+    """The passes `options` ask for on each captured graph, in the order they run."""
+    mode = options.mode
+    wanted = [(options.fuse_qkv, fuse_parallel_linears), (mode.fuse_rope, fuse_rope),
+              (mode.flash_attn_4, use_flash_attention), (mode.gelu_epilogue, use_gelu_epilogue)]
+    return [graph_pass for on, graph_pass in wanted if on]
 
 
 def _counting_inductor(options: CompileOptions, on_graph: Callable[[], None]) -> _CountingInductor:
     """The inductor backend `options` ask for, reporting each graph to `on_graph`."""
     return _CountingInductor(inductor_settings(options.mode, options.memory_format), options.dynamic_flag,
-                             options.fuse_qkv, on_graph, rope=options.mode.fuse_rope,
-                             flash_attention=options.mode.flash_attn_4, gelu_epilogue=options.mode.gelu_epilogue)
+                             graph_passes(options), on_graph)
 
 
 # transformer_options entries that change between prompts (the sampler's wrappers and callbacks, the
