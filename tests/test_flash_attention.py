@@ -14,9 +14,11 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import graph_passes
 
 from diffboost.backends import flash_attention as fa
 from diffboost.backends import saved_graph
+from diffboost.measure.compare import relative_error
 
 
 @pytest.fixture(autouse=True)
@@ -27,13 +29,8 @@ def fresh_dynamo():
 def compiled_counting(fn):
     """`fn` compiled whole, with the pass applied to its graph (CPU tensors allowed); the list of
     how many calls the pass replaced in each graph compiled."""
-    counts = []
-
-    def backend(gm, inputs):
-        counts.append(fa.use_flash_attention(gm, devices=("cpu",)))
-        return gm.forward
-
-    return torch.compile(fn, backend=backend, fullgraph=True), counts
+    return graph_passes.compiled_counting(fn, lambda gm: fa.use_flash_attention(gm, devices=("cpu",)),
+                                          fullgraph=True)
 
 
 def joint_attention(image, prompt, heads: int, mask=None):
@@ -44,10 +41,6 @@ def joint_attention(image, prompt, heads: int, mask=None):
     q = x.view(b, n, heads, c // heads).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, q * 0.5, q.flip(-1), attn_mask=mask)
     return out.transpose(1, 2).reshape(b, n, c)
-
-
-def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def inputs(dtype=torch.bfloat16, width=64, prompt_tokens=7):
@@ -63,7 +56,7 @@ def test_long_attention_runs_through_the_op_and_matches_sdpa(monkeypatch):
     out = fn(image, prompt, 4)
     assert counts == [1]
     assert out.shape == (2, 47, 64)
-    assert rel_err(out, joint_attention(image, prompt, 4)) < 1e-3
+    assert relative_error(out, joint_attention(image, prompt, 4)) < 1e-3
 
 
 def test_a_prompt_length_that_may_change_qualifies_only_if_every_length_is_long(monkeypatch, caplog):
@@ -73,7 +66,7 @@ def test_a_prompt_length_that_may_change_qualifies_only_if_every_length_is_long(
     fn, counts = compiled_counting(joint_attention)
     fn(image, prompt, 4)
     shorter = inputs(prompt_tokens=9)[1]
-    assert rel_err(fn(image, shorter, 4), joint_attention(image, shorter, 4)) < 1e-3
+    assert relative_error(fn(image, shorter, 4), joint_attention(image, shorter, 4)) < 1e-3
     assert counts == [1]  # one graph for both prompt lengths
 
     torch._dynamo.reset()
@@ -100,7 +93,7 @@ def test_calls_the_kernels_do_not_take_stay_with_torch(monkeypatch, caplog, case
     with caplog.at_level(logging.INFO, logger="diffboost"):
         out = fn(image, prompt, 4, mask)
     assert counts == [0] and why in caplog.text
-    assert rel_err(out, joint_attention(image, prompt, 4, mask)) < 1e-3
+    assert relative_error(out, joint_attention(image, prompt, 4, mask)) < 1e-3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import graph_passes
 from helpers.comfy_modules import comfy_flux, comfy_sd3
 
 from diffboost.backends import gelu_epilogue as ge
+from diffboost.measure.compare import relative_error
 
 
 @pytest.fixture(autouse=True)
@@ -21,17 +23,7 @@ def fresh_dynamo():
 def compiled_counting(fn):
     """`fn` compiled with the pass applied to each graph (CPU tensors allowed), and the list of how
     many pairs it rewrote in each graph."""
-    counts = []
-
-    def backend(gm, inputs):
-        counts.append(ge.use_gelu_epilogue(gm, devices=("cpu",)))
-        return gm.forward
-
-    return torch.compile(fn, backend=backend), counts
-
-
-def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return graph_passes.compiled_counting(fn, lambda gm: ge.use_gelu_epilogue(gm, devices=("cpu",)))
 
 
 def pytorch_attention(func, *args, **kwargs):
@@ -59,7 +51,7 @@ def test_the_mlps_of_comfyui_s_dits_get_their_gelu_inside_the_matmul(comfy_host,
     with torch.no_grad():
         expected, out = net(**kwargs), fn(**kwargs)
     assert counts == [pairs]  # one graph
-    assert rel_err(out, expected) <= tolerance
+    assert relative_error(out, expected) <= tolerance
     assert {n: type(m) for n, m in net.named_modules()} == originals  # the model itself is untouched
 
 
@@ -77,7 +69,7 @@ def weights(dtype=torch.bfloat16, bias=True):
 def test_a_biased_half_precision_linear_then_tanh_gelu_is_rewritten_and_matches():
     fn, counts = compiled_counting(mlp)
     args = weights()
-    assert rel_err(fn(*args), mlp(*args)) < 1e-6
+    assert relative_error(fn(*args), mlp(*args)) < 1e-6
     assert counts == [1]
 
 
@@ -94,7 +86,7 @@ def used_twice(x, w1, b1, w2, b2):
 ])
 def test_other_pairs_stay_as_they_are(why, fn, args):
     compiled, counts = compiled_counting(fn)
-    assert rel_err(compiled(*args), fn(*args)) < 1e-6
+    assert relative_error(compiled(*args), fn(*args)) < 1e-6
     assert counts == [0], why
 
 
@@ -105,7 +97,7 @@ def test_the_gpu_s_single_call_takes_its_operands_in_the_right_order():
     expected = F.gelu(F.linear(x, w1, b1))
     out = ge.matmul_with_gelu(x, w1, b1)
     assert out.shape == (2, 5, 64)
-    assert rel_err(out, expected) < 1e-6
+    assert relative_error(out, expected) < 1e-6
 
 
 class Mlp(torch.nn.Module):
@@ -131,4 +123,4 @@ def test_compile_model_s_presets_apply_the_pass_inside_inductor(monkeypatch, cap
         out = compile_module(model, CompileOptions.from_user("inductor", "O3"))(x)
         expected = model(x)
     assert "gelu-epilogue computes 1 tanh-GELUs" in caplog.text
-    assert rel_err(out, expected) < 1e-2  # inductor keeps fp32 between the fused operations, eager rounds
+    assert relative_error(out, expected) < 1e-2  # inductor keeps fp32 between the fused operations, eager rounds
