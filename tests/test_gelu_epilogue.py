@@ -38,8 +38,9 @@ def pytorch_attention(func, *args, **kwargs):
     # the image MLP of both joint blocks, the prompt MLP of the first (the last block has none): the same
     # arithmetic on the CPU
     ("sd3", 3, 0.0),
-    # the double block's image and prompt MLPs; the single block's GELU follows a split and stays
-    ("flux", 2, 0.0),
+    # the double block's image and prompt MLPs, and the single block's GELU after its split, whose last
+    # layer becomes a sum of two (bf16 rounds the parts before the sum)
+    ("flux", 3, 1e-2),
 ])
 def test_the_mlps_of_comfyui_s_dits_get_their_gelu_inside_the_matmul(comfy_host, arch, pairs, tolerance):
     net, kwargs = comfy_sd3() if arch == "sd3" else comfy_flux()
@@ -88,6 +89,38 @@ def test_other_pairs_stay_as_they_are(why, fn, args):
     compiled, counts = compiled_counting(fn)
     assert relative_error(compiled(*args), fn(*args)) < 1e-6
     assert counts == [0], why
+
+
+def single_block(x, w1, b1, w2, b2, order=1, reuse=False):
+    """Flux's single-stream block's computation: one layer for q, k, v and the MLP, attention, then one
+    layer over the attention's output and the MLP's GELU concatenated (`order` -1: the other way round;
+    `reuse`: the GELU's input also used elsewhere)."""
+    qkv, mlp = torch.split(F.linear(x, w1, b1), [48, 64], dim=-1)
+    q, k, v = qkv.view(2, 5, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    attention = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 5, 16)
+    parts = (attention, F.gelu(mlp, approximate="tanh"))[::order]
+    out = x + F.linear(torch.cat(parts, 2), w2, b2)
+    return out + mlp[..., :16] if reuse else out
+
+
+def single_block_weights():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 5, 16), (112, 16), (112,), (16, 80), (16,)]
+    return [torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in shapes]
+
+
+@pytest.mark.parametrize("case, rewritten", [({}, 1), ({"order": -1}, 0), ({"reuse": True}, 0)])
+def test_a_single_stream_block_splits_its_layers_around_the_gelu(case, rewritten):
+    args = single_block_weights()
+    fn, counts = compiled_counting(lambda *a: single_block(*a, **case))
+    assert relative_error(fn(*args), single_block(*args, **case)) < 1e-2
+    assert counts == [rewritten]
+
+
+def test_the_sum_over_the_parts_is_the_layer_over_their_concatenation():
+    first, second, weight, bias = torch.randn(3, 7, 16), torch.randn(3, 7, 64), torch.randn(24, 80), torch.randn(24)
+    expected = F.linear(torch.cat((first, second), -1), weight, bias)
+    assert relative_error(ge.linear_of_pair(first, second, weight, bias), expected) < 1e-6
 
 
 def test_the_gpu_s_single_call_takes_its_operands_in_the_right_order():
