@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -73,6 +74,10 @@ def inductor_settings(mode: CompileMode, memory_format: str = "preserve") -> dic
                   "triton.autotune_pointwise": False})
     if mode.match_eager:
         s["emulate_precision_casts"] = True
+    if mode.one_pass_norms:
+        from . import one_pass_norms
+
+        s.update(one_pass_norms.settings())
     if memory_format == "channels_last":
         # Forced: inductor's own heuristic declines channels-last convolutions whenever a size is
         # symbolic (pytorch#102670), so a `dynamic` UNet would otherwise run them all in NCHW.
@@ -87,9 +92,10 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
     """Inductor that reports each graph it compiles and applies the graph passes we own."""
 
     def __init__(self, settings: dict, dynamic: bool | None, graph_passes: list[Callable[[torch.fx.GraphModule], int]],
-                 on_graph: Callable[[], None]):
+                 on_graph: Callable[[], None], heuristics: Callable[[], AbstractContextManager] = nullcontext):
         super().__init__(None, settings, dynamic)
         self._graph_passes = graph_passes
+        self._heuristics = heuristics
         self.count_to(on_graph)
 
     def count_to(self, on_graph: Callable[[], None]) -> None:
@@ -105,7 +111,8 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
         self._on_graph()
         for graph_pass in self._graph_passes:
             graph_pass(model_)
-        return super().__call__(model_, inputs_, **kwargs)
+        with self._heuristics():
+            return super().__call__(model_, inputs_, **kwargs)
 
 
 def graph_passes(options: CompileOptions) -> list[Callable[[torch.fx.GraphModule], int]]:
@@ -118,8 +125,11 @@ def graph_passes(options: CompileOptions) -> list[Callable[[torch.fx.GraphModule
 
 def _counting_inductor(options: CompileOptions, on_graph: Callable[[], None]) -> _CountingInductor:
     """The inductor backend `options` ask for, reporting each graph to `on_graph`."""
+    heuristics = nullcontext
+    if options.mode.one_pass_norms:
+        from .one_pass_norms import installed as heuristics
     return _CountingInductor(inductor_settings(options.mode, options.memory_format), options.dynamic_flag,
-                             graph_passes(options), on_graph)
+                             graph_passes(options), on_graph, heuristics)
 
 
 # transformer_options entries that change between prompts (the sampler's wrappers and callbacks, the
