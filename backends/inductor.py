@@ -92,10 +92,9 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
     """Inductor that reports each graph it compiles and applies the graph passes we own."""
 
     def __init__(self, settings: dict, dynamic: bool | None, graph_passes: list[Callable[[torch.fx.GraphModule], int]],
-                 on_graph: Callable[[], None], heuristics: Callable[[], AbstractContextManager] = nullcontext):
+                 on_graph: Callable[[], None]):
         super().__init__(None, settings, dynamic)
         self._graph_passes = graph_passes
-        self._heuristics = heuristics
         self.count_to(on_graph)
 
     def count_to(self, on_graph: Callable[[], None]) -> None:
@@ -114,6 +113,16 @@ class _CountingInductor(torch._TorchCompileInductorWrapper):
         with self._heuristics():
             return super().__call__(model_, inputs_, **kwargs)
 
+    def _heuristics(self) -> AbstractContextManager:
+        """The heuristics class the settings name, installed for this compile: inductor reads that setting
+        only once per thread, when nothing is installed yet, so the setting alone would not take effect."""
+        choices = self.config.get("inductor_choices_class")
+        if choices is None:
+            return nullcontext()
+        from torch._inductor.virtualized import V
+
+        return V.set_choices_handler(choices())
+
 
 def graph_passes(options: CompileOptions) -> list[Callable[[torch.fx.GraphModule], int]]:
     """The passes `options` ask for on each captured graph, in the order they run."""
@@ -125,11 +134,8 @@ def graph_passes(options: CompileOptions) -> list[Callable[[torch.fx.GraphModule
 
 def _counting_inductor(options: CompileOptions, on_graph: Callable[[], None]) -> _CountingInductor:
     """The inductor backend `options` ask for, reporting each graph to `on_graph`."""
-    heuristics = nullcontext
-    if options.mode.one_pass_norms:
-        from .one_pass_norms import installed as heuristics
     return _CountingInductor(inductor_settings(options.mode, options.memory_format), options.dynamic_flag,
-                             graph_passes(options), on_graph, heuristics)
+                             graph_passes(options), on_graph)
 
 
 # transformer_options entries that change between prompts (the sampler's wrappers and callbacks, the

@@ -3,14 +3,13 @@ residual adds and modulation fused around them) is compiled as one pass that hol
 instead of inductor's two passes over memory for rows wider than 1024 (first the mean and variance,
 then the normalised output, reading the row again).
 
-Done through inductor's own extension point for its heuristics (`InductorChoices`), installed only
-while Compile Model's own graphs are compiled, so other compiles in the process are not changed.
+Done through inductor's own extension point for its heuristics (`InductorChoices`), named in the
+compile's settings (so in its cache key) and installed by the inductor backend only while Compile
+Model's own graphs are compiled, so other compiles in the process are not changed.
 Imported only when a mode asks for it: it loads inductor's modules.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 from torch._inductor import config
 from torch._inductor.choices import InductorChoices
@@ -41,12 +40,7 @@ class OnePassNorms(InductorChoices):
 
 
 def settings() -> dict:
-    """The inductor config entry that puts these heuristics into the compile's cache key."""
-    return {"inductor_choices_class": OnePassNorms} if hasattr(config, "inductor_choices_class") else {}
-
-
-@contextlib.contextmanager
-def installed():
-    """These heuristics for the inductor compiles inside the block, the previous ones after it."""
-    with V.set_choices_handler(OnePassNorms()):
-        yield
+    """The inductor config entry naming these heuristics. A torch without that entry drops it (see
+    `inductor_settings`) and the flag changes nothing there: heuristics outside the cache key could be
+    served to other compiles."""
+    return {"inductor_choices_class": OnePassNorms}

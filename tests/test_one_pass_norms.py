@@ -28,7 +28,7 @@ def _inputs(width: int = 1536, device: str = "cpu"):
     return [torch.randn(64, width, generator=g).to(device) for _ in range(2)]
 
 
-def test_the_heuristics_are_on_while_compile_model_compiles_and_off_after(monkeypatch):
+def test_the_heuristics_are_on_while_compile_model_compiles_and_off_after():
     """A post-grad pass runs inside inductor's compile: it sees the heuristics there; outside, inductor's
     own are back, so a compile that did not ask for them is not changed."""
     from torch._inductor.virtualized import V
