@@ -16,6 +16,8 @@ import logging
 import torch
 import torch.fx
 
+from .fuse import example_value
+
 log = logging.getLogger("diffboost")
 
 # Only long self-attention is handed over: on an H200 FlashAttention's CuTe kernel ran SD3's
@@ -111,7 +113,7 @@ def _unfit_call(node: torch.fx.Node, devices: tuple[str, ...]) -> str | None:
             or extra.get("dropout_p", 0.0) != 0.0 or extra.get("enable_gqa", False) is not False \
             or isinstance(extra.get("scale"), torch.fx.Node):
         return "a mask, dropout, causal attention or a computed scale"
-    tensors = [a.meta.get("example_value") if isinstance(a, torch.fx.Node) else None for a in node.args[:3]]
+    tensors = [example_value(a) for a in node.args[:3]]
     if len(tensors) < 3 or tensors[0] is None:
         return "inputs unknown"
     return unfit_reason(*tensors) or (None if tensors[0].device.type in devices else f"on {tensors[0].device}")

@@ -10,6 +10,12 @@ import torch.fx
 LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)  # how a captured graph calls a linear layer
 
 
+def example_value(arg):
+    """The fake tensor dynamo recorded for a captured graph's node (its shape, dtype, device); None for
+    a constant or where none was recorded."""
+    return arg.meta.get("example_value") if isinstance(arg, torch.fx.Node) else None
+
+
 def fuse_parallel_linears(gm: torch.fx.GraphModule) -> int:
     """Rewrite groups of `linear(x, w_i, b_i)` sharing `x` into one `linear(x, cat(w), cat(b))`
     followed by a split. Returns how many groups were fused. The weights are concatenated inside
@@ -58,8 +64,7 @@ def _getitem(seq, i):
 
 
 def _out_features(node: torch.fx.Node) -> int | None:
-    weight = node.args[1]
-    value = weight.meta.get("example_value") if isinstance(weight, torch.fx.Node) else None
+    value = example_value(node.args[1])
     return int(value.shape[0]) if value is not None and value.dim() == 2 else None
 
 

@@ -19,7 +19,7 @@ import operator
 import torch
 import torch.fx
 
-from .fuse import LINEAR
+from .fuse import LINEAR, example_value
 
 log = logging.getLogger("diffboost")
 
@@ -58,10 +58,6 @@ def _is_tanh_gelu(node: torch.fx.Node) -> bool:
     return node.kwargs == {"approximate": "tanh"}
 
 
-def _value(node):
-    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
-
-
 def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
@@ -76,9 +72,7 @@ def _fits(linear: torch.fx.Node, devices: tuple[str, ...]) -> bool:
     of `devices`."""
     if not _is_linear(linear) or len(linear.users) != 1:
         return False
-    if not all(isinstance(a, torch.fx.Node) for a in linear.args):
-        return False
-    x, weight, bias = (a.meta.get("example_value") for a in linear.args)
+    x, weight, bias = (example_value(a) for a in linear.args)
     if x is None or weight is None or bias is None or weight.ndim != 2 or bias.ndim != 1:
         return False
     if x.device.type == "cuda" and torch.version.hip is not None:
@@ -111,9 +105,10 @@ def _single_block(gelu: torch.fx.Node, devices: tuple[str, ...]):
     pieces = cat.args[0]
     linear2 = _only_user(cat)
     if not (isinstance(pieces, (list, tuple)) and len(pieces) == 2 and pieces[1] is gelu and _is_linear(linear2)
-            and linear2.args[0] is cat and _value(pieces[0]) is not None):
+            and linear2.args[0] is cat and example_value(pieces[0]) is not None):
         return None
-    if dim not in (-1, _value(pieces[0]).ndim - 1) or split.kwargs["dim"] not in (-1, _value(split.args[0]).ndim - 1):
+    last = example_value(pieces[0]).ndim - 1
+    if dim not in (-1, last) or split.kwargs["dim"] not in (-1, example_value(split.args[0]).ndim - 1):
         return None
     return split.args[0], split, first, pieces[0], cat, linear2
 
