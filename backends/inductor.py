@@ -39,6 +39,7 @@ from .cache import parameter_layout
 from .flash_attention import use_flash_attention
 from .fuse import fuse_parallel_linears
 from .gelu_epilogue import use_gelu_epilogue
+from .joint_qkv import use_joint_qkv
 from .latent_blocks import LatentInBlocks, dispatching
 from .modes import CompileMode
 from .options import CompileOptions
@@ -128,7 +129,8 @@ def graph_passes(options: CompileOptions) -> list[Callable[[torch.fx.GraphModule
     """The passes `options` ask for on each captured graph, in the order they run."""
     mode = options.mode
     wanted = [(options.fuse_qkv, fuse_parallel_linears), (mode.fuse_rope, fuse_rope),
-              (mode.flash_attn_4, use_flash_attention), (mode.gelu_epilogue, use_gelu_epilogue)]
+              (mode.flash_attn_4, use_flash_attention), (mode.gelu_epilogue, use_gelu_epilogue),
+              (mode.joint_qkv, use_joint_qkv)]
     return [graph_pass for on, graph_pass in wanted if on]
 
 

@@ -32,6 +32,8 @@ FLAGS = {
                     "flash-attn-4 package, Hopper or Blackwell GPUs) instead of torch's",
     "gelu-epilogue": "compute the tanh-GELU after a linear layer (the MLPs of SD3, PixArt and Flux) inside cuBLAS's "
                      "matrix multiply instead of in a separate kernel",
+    "joint-qkv": "let SD3's prompt and image q/k/v projections write one shared buffer for the joint attention "
+                 "instead of copying their outputs together (three copies a block)",
     "one-pass-norms": "compute each normalisation over up to 4096 channels (the DiTs' layer norms, with the residual "
                       "adds and modulation around them) in one pass over memory instead of inductor's two above 1024",
     "fuse-rope": "compute the rotary embedding (RoPE) in the compiled graph, fused with its neighbours, instead of "
@@ -105,6 +107,7 @@ class CompileMode:
     flash_attn_4: bool = False
     gelu_epilogue: bool = False
     one_pass_norms: bool = False
+    joint_qkv: bool = False
     text: str = "default"
 
     def flags(self) -> list[str]:
