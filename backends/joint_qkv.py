@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .fuse import LINEAR
+from .fuse import LINEAR, example_value
 
 log = logging.getLogger("diffboost")
 
@@ -74,10 +74,6 @@ def _is_view(node) -> bool:
     return True
 
 
-def _value(node):
-    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
-
-
 def _projection(part: torch.fx.Node, devices: tuple[str, ...]):
     """(layer, first column, trailing shape) where `part` is `layer`'s output columns [first, first +
     width), seen through views only as (batch, tokens, *trailing shape); None otherwise."""
@@ -86,7 +82,7 @@ def _projection(part: torch.fx.Node, devices: tuple[str, ...]):
         node = node.args[0]
     if not (node.op == "call_function" and node.target in LINEAR and not node.kwargs and len(node.args) in (2, 3)):
         return None
-    out, seen = _value(node), _value(part)
+    out, seen = example_value(node), example_value(part)
     if out is None or seen is None or out.ndim != 3 or seen.ndim < 3 or out.device.type not in devices:
         return None
     if not torch._C._is_alias_of(seen, out):
@@ -119,10 +115,10 @@ def _concatenations(gm: torch.fx.GraphModule, devices: tuple[str, ...]) -> dict:
                 and all(isinstance(p, torch.fx.Node) for p in parts)):
             continue
         a, b = (_projection(p, devices) for p in parts)
-        if a is None or b is None or a[1:] != b[1:] or dim not in (1, 1 - _value(parts[0]).ndim):
+        if a is None or b is None or a[1:] != b[1:] or dim not in (1, 1 - example_value(parts[0]).ndim):
             continue
         (layer_a, *_), (layer_b, *_) = a, b
-        out_a, out_b = _value(layer_a), _value(layer_b)
+        out_a, out_b = example_value(layer_a), example_value(layer_b)
         if layer_a is layer_b or out_a.shape[0] != out_b.shape[0] or out_a.shape[2] != out_b.shape[2] \
                 or out_a.dtype != out_b.dtype or (len(layer_a.args) == 3) != (len(layer_b.args) == 3):
             continue
@@ -156,7 +152,7 @@ def use_joint_qkv(gm: torch.fx.GraphModule, devices: tuple[str, ...] | None = No
         args = lambda layer: (*layer.args, None) if len(layer.args) == 2 else layer.args  # noqa: E731
         with graph.inserting_after(max(layer_a, layer_b, key=order.get)):
             joint = graph.call_function(torch.ops.diffboost.joint_linear.default, (*args(layer_a), *args(layer_b)))
-        batch = _value(layer_a).shape[0]
+        batch = example_value(layer_a).shape[0]
         for cat, first, trailing in cats:
             with graph.inserting_before(cat):
                 block = slice(first, first + math.prod(trailing))
