@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import graph_passes
-from helpers.comfy_modules import comfy_sd3
+from helpers.comfy_modules import comfy_flux, comfy_sd3
 
 from diffboost.backends import joint_qkv as jq
 from diffboost.measure.compare import relative_error
@@ -50,6 +50,18 @@ def test_comfyui_s_sd3_writes_its_q_k_v_in_place_for_any_prompt_length(comfy_hos
             assert relative_error(fn(**kwargs), net(**kwargs)) == 0  # the same matmuls, rows in place
     assert counts == [6]  # q, k and v of both blocks, one graph for both prompt lengths
     assert {n: type(m) for n, m in net.named_modules()} == originals
+
+
+def test_comfyui_s_flux_is_left_as_it_is(comfy_host):
+    """Flux concatenates its q and k after their norms and RoPE: the presets' joint-qkv touches nothing there."""
+    net, net_kwargs = comfy_flux()
+    net = net.to(torch.bfloat16)
+    kwargs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in net_kwargs.items()}
+    kwargs["transformer_options"] = {"optimized_attention_override": pytorch_attention}
+    fn, counts = compiled_counting(net)
+    with torch.no_grad():
+        assert relative_error(fn(**kwargs), net(**kwargs)) == 0
+    assert counts == [0]  # one graph, nothing rewritten
 
 
 def joint(ctx, x, wc, bc, wx, bx, uses=()):

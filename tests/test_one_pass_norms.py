@@ -60,7 +60,7 @@ def test_the_mode_puts_the_heuristics_into_inductor_s_cache_key():
 
 
 # O3 without the flag, spelled out.
-WITHOUT = "cudagraphs:low-precision:benchmark:cache-all:fuse-rope:skip-rewrites:quick-schedule:gelu-epilogue"
+WITHOUT = "cudagraphs:low-precision:benchmark:cache-all:fuse-rope:skip-rewrites:quick-schedule:gelu-epilogue:joint-qkv"
 
 
 def test_o2_and_o3_have_it():
