@@ -4,7 +4,7 @@ process reaching the same model and options skips most of the compile.
 One file per key, holding torch's own cache artifacts (inductor's FX graphs and kernels, the
 autotuning results, AOTAutograd's cache: `torch.compiler.save_cache_artifacts`). The key covers
 everything that changes the compiled result: the model's class and parameter shapes and dtypes,
-the compile options, the torch, triton and Python versions and the device. A file that cannot be
+the compile options, the pack's own code, the torch, triton and Python versions and the device. A file that cannot be
 loaded is set aside with a warning and rebuilt; the cache never stops a compile.
 """
 
@@ -36,6 +36,33 @@ def device_name(module: torch.nn.Module) -> str:
     if p is None and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return platform.processor() or platform.machine()
+
+
+# The pack's folders whose code shapes a compiled graph: the graph passes and backends, Quantize FP8's
+# layers, and the nodes that patch the model.
+CODE_FOLDERS = ("backends", "quant", "nodes")
+PACK_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_digest(root: Path = PACK_ROOT) -> str:
+    """A digest of the pack's code under `root` that shapes compiled graphs: an updated pack (a graph pass
+    rewriting differently, an op with new arguments) never loads what an older one compiled or saved."""
+    digest = hashlib.sha256()
+    for folder in CODE_FOLDERS:
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+_CODE_DIGEST: str | None = None  # once per process: the files do not change under a running ComfyUI
+
+
+def pack_code_digest() -> str:
+    global _CODE_DIGEST
+    if _CODE_DIGEST is None:
+        _CODE_DIGEST = code_digest()
+    return _CODE_DIGEST
 
 
 def parameter_layout(module: torch.nn.Module) -> str:
@@ -83,6 +110,7 @@ def cache_key(module: torch.nn.Module, options: CompileOptions, device: str, env
         "model": f"{type(module).__module__}.{type(module).__qualname__}",
         "parameters": parameter_layout(module),
         "options": repr(options),
+        "code": pack_code_digest(),
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),

@@ -142,6 +142,24 @@ def test_key_changes_with_what_changes_the_result():
                 cache_key(a, o2, "H100"), cache_key(a.to(torch.float16), o2, "cpu")}) == 5
 
 
+def test_key_changes_with_the_pack_s_code(tmp_path, monkeypatch):
+    import shutil
+
+    from diffboost.backends import cache
+
+    for folder in cache.CODE_FOLDERS:
+        shutil.copytree(cache.PACK_ROOT / folder, tmp_path / folder)
+    assert cache.code_digest(tmp_path) == cache.code_digest() == cache.pack_code_digest()
+    with open(tmp_path / "backends" / "joint_qkv.py", "a") as f:
+        f.write("\n# an update\n")
+    updated = cache.code_digest(tmp_path)
+    assert updated != cache.code_digest()
+    a, o3 = torch.nn.Linear(8, 8), CompileOptions.from_user("inductor", "O3")
+    before = cache_key(a, o3, "cpu")
+    monkeypatch.setattr(cache, "_CODE_DIGEST", updated)  # as a process of the updated pack computes it
+    assert cache_key(a, o3, "cpu") != before
+
+
 @pytest.mark.parametrize("action", ["info", "clear"])
 def test_command_line(tmp_path, action):
     CompileCache(tmp_path).path("x").write_bytes(b"1234")
