@@ -4,8 +4,8 @@ process reaching the same model and options skips most of the compile.
 One file per key, holding torch's own cache artifacts (inductor's FX graphs and kernels, the
 autotuning results, AOTAutograd's cache: `torch.compiler.save_cache_artifacts`). The key covers
 everything that changes the compiled result: the model's class and parameter shapes and dtypes,
-the compile options, the pack's own code, the torch, triton and Python versions and the device. A file that cannot be
-loaded is set aside with a warning and rebuilt; the cache never stops a compile.
+the compile options, the pack's own code, the torch, triton and Python versions and the device. A
+file that cannot be loaded is set aside with a warning and rebuilt; the cache never stops a compile.
 """
 
 from __future__ import annotations
