@@ -10,6 +10,7 @@ file that cannot be loaded is set aside with a warning and rebuilt; the cache ne
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -55,14 +56,9 @@ def code_digest(root: Path = PACK_ROOT) -> str:
     return digest.hexdigest()
 
 
-_CODE_DIGEST: str | None = None  # once per process: the files do not change under a running ComfyUI
-
-
+@functools.cache  # once per process: the files do not change under a running ComfyUI
 def pack_code_digest() -> str:
-    global _CODE_DIGEST
-    if _CODE_DIGEST is None:
-        _CODE_DIGEST = code_digest()
-    return _CODE_DIGEST
+    return code_digest()
 
 
 def parameter_layout(module: torch.nn.Module) -> str:

@@ -156,7 +156,7 @@ def test_key_changes_with_the_pack_s_code(tmp_path, monkeypatch):
     assert updated != cache.code_digest()
     a, o3 = torch.nn.Linear(8, 8), CompileOptions.from_user("inductor", "O3")
     before = cache_key(a, o3, "cpu")
-    monkeypatch.setattr(cache, "_CODE_DIGEST", updated)  # as a process of the updated pack computes it
+    monkeypatch.setattr(cache, "pack_code_digest", lambda: updated)  # as a process of the updated pack computes it
     assert cache_key(a, o3, "cpu") != before
 
 
