@@ -133,13 +133,15 @@ KERNEL_CHECK = r"""
 import json, sys, torch, triton
 from diffboost.quant.kernels import _kernel, reference
 from diffboost.quant.fp8 import gelu_tail
-kernel, out = _kernel(), []
-for rows, cols, gelu_from in json.loads(sys.argv[1]):
+sys.path.insert(0, sys.argv[3])
+from gelu_quantize_study import looped_kernel
+kernel, out = (_kernel() if sys.argv[1] == "whole row" else looped_kernel()), []
+for rows, cols, gelu_from, chunk in json.loads(sys.argv[2]):
     x = (3 * torch.randn(rows, cols, generator=torch.Generator().manual_seed(cols))).to(torch.bfloat16)
     # float32 codes: what the kernel writes before the cast to e4m3, which the interpreter rounds wrongly
     scaled, scale = torch.empty(rows, cols), torch.empty(rows, 1)
-    block = triton.next_power_of_2(cols)
-    kernel[(rows,)](x, scaled, scale, cols, gelu_from, x.stride(0), scaled.stride(0), BLOCK=block)
+    block = {"BLOCK": triton.next_power_of_2(cols)} if chunk is None else {"CHUNK": chunk}
+    kernel[(rows,)](x, scaled, scale, cols, gelu_from, x.stride(0), scaled.stride(0), **block)
     _, expected_scale = reference(x, gelu_from)
     expected = (gelu_tail(x, gelu_from) / expected_scale).clamp(-448, 448)
     out.append([float(((scale - expected_scale).abs() / expected_scale).max()),
@@ -148,12 +150,18 @@ print(json.dumps(out))
 """
 
 
-def test_the_triton_kernel_computes_the_reference_arithmetic_in_triton_s_interpreter():
-    pytest.importorskip("triton", reason="!!! TRITON MISSING: the FP8 GELU kernel's test was SKIPPED !!!")
-    cases = [(5, 96, 0), (7, 80, 32), (3, 33, 16), (2, 1000, 500)]
+# rows, columns, the GELU from that column, the looped kernel's chunk
+@pytest.mark.parametrize("kernel, cases", [
+    ("whole row", [(5, 96, 0, None), (7, 80, 32, None), (3, 33, 16, None), (2, 1000, 500, None)]),
+    # benchmarks/gelu_quantize_study.py's looped form: rows wider and narrower than a chunk, the GELU from
+    # a column inside a chunk
+    ("looped", [(3, 100, 0, 32), (4, 80, 40, 32), (2, 20, 5, 32), (2, 96, 33, 16)]),
+])
+def test_the_triton_kernels_compute_the_reference_arithmetic_in_triton_s_interpreter(kernel, cases):
+    pytest.importorskip("triton", reason="!!! TRITON MISSING: the FP8 GELU kernels' test was SKIPPED !!!")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT.parent), *sys.path])}
-    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK, json.dumps(cases)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK, kernel, json.dumps(cases), str(ROOT / "benchmarks")],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for (scale_err, code_err, largest), case in zip(json.loads(done.stdout.splitlines()[-1]), cases, strict=True):
         assert scale_err < 1e-6, case
