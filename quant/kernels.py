@@ -56,7 +56,9 @@ MAX_ROW = 32768  # a row the kernel holds in registers (Flux's widest is 15360);
 
 
 def _num_warps(block: int) -> int:
-    return 16 if block >= 8192 else 8 if block >= 2048 else 4  # 16 - 32 values of the row per thread
+    # 8 warps up to rows of 16384: 9% faster than 16 on SD3's MLP rows and 5% on Flux's (H200,
+    # benchmarks/gelu_quantize_study.py); the widest rows keep 16 so a thread holds at most 128 values.
+    return 16 if block > 16384 else 8 if block >= 2048 else 4
 
 
 def _define():
