@@ -3,8 +3,10 @@
 Each SD3 block projects the prompt's tokens and the image's tokens to q/k/v with two layers, then
 concatenates the two along the tokens for the attention: three copies of the whole q, k and v a
 block (on an H200, 1.0 ms of SD3's 37.6 ms step). Here both projections write their rows of one shared
-buffer (`joint_linear`) and the attention reads q, k and v as column slices of it. Done on the captured
-graph, like fuse-rope, so the model, its clones and ComfyUI stay as they are.
+buffer (`joint_linear`) and the attention reads q, k and v as column slices of it. The projections may
+be linear layers or Quantize FP8's layers (torch._scaled_mm), in any mix: by default Quantize FP8 keeps
+the prompt's layers in high precision and makes the image's FP8. Done on the captured graph, like
+fuse-rope, so the model, its clones and ComfyUI stay as they are.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -33,38 +36,86 @@ def _define():
     """Define the op diffboost::joint_linear; returns it."""
 
     @torch.library.custom_op("diffboost::joint_linear", mutates_args=())
-    def joint_linear(a: torch.Tensor, weight_a: torch.Tensor, bias_a: torch.Tensor | None, b: torch.Tensor,
-                     weight_b: torch.Tensor, bias_b: torch.Tensor | None) -> torch.Tensor:
-        """cat((linear(a, weight_a, bias_a), linear(b, weight_b, bias_b)), dim=1) for (batch, tokens,
-        features) inputs, each layer's rows written in place into the result (no concatenation)."""
-        out = a.new_empty((a.shape[0], a.shape[1] + b.shape[1], weight_a.shape[0]))
-        for i in range(a.shape[0]):
+    def joint_linear(batch: int, a: list[torch.Tensor | None], b: list[torch.Tensor | None], dtype: torch.dtype,
+                     fast_accum: bool) -> torch.Tensor:
+        """cat((layer_a(x_a), layer_b(x_b)), dim=1) as (batch, tokens, features), each layer's rows written
+        in place into the result (no concatenation). A layer is [x, weight, bias, x_scale, weight_scale]:
+        a linear one (x_scale None: x (batch, tokens, in), weight (out, in)) or an FP8 one (torch._scaled_mm's
+        operands: e4m3 x (batch * tokens, in) with its scales, weight (in, out))."""
+        out = a[0].new_empty((batch, _tokens(a, batch) + _tokens(b, batch), _features(a)), dtype=dtype)
+        split = _tokens(a, batch)
+        for i in range(batch):
             # One sample's rows of `out` are one contiguous block: the matmul (with its bias in cuBLAS's
             # epilogue) writes there directly.
-            for x, weight, bias, rows in ((a, weight_a, bias_a, slice(0, a.shape[1])),
-                                          (b, weight_b, bias_b, slice(a.shape[1], None))):
-                if bias is None:
-                    torch.mm(x[i], weight.t(), out=out[i, rows])
+            for (x, weight, bias, x_scale, weight_scale), rows in ((a, slice(0, split)), (b, slice(split, None))):
+                x = x.reshape(batch, -1, x.shape[-1])[i]
+                if x_scale is not None:
+                    scale = x_scale.reshape(batch, -1, 1)[i] if x_scale.numel() > 1 else x_scale  # per row or tensor
+                    torch._scaled_mm(x, weight, scale_a=scale, scale_b=weight_scale, bias=bias, out_dtype=dtype,
+                                     use_fast_accum=fast_accum, out=out[i, rows])
+                elif bias is None:
+                    torch.mm(x, weight.t(), out=out[i, rows])
                 else:
-                    torch.addmm(bias, x[i], weight.t(), out=out[i, rows])
+                    torch.addmm(bias, x, weight.t(), out=out[i, rows])
         return out
 
     @joint_linear.register_fake
-    def _(a, weight_a, bias_a, b, weight_b, bias_b):
-        return a.new_empty((a.shape[0], a.shape[1] + b.shape[1], weight_a.shape[0]))
+    def _(batch, a, b, dtype, fast_accum):
+        return a[0].new_empty((batch, _tokens(a, batch) + _tokens(b, batch), _features(a)), dtype=dtype)
 
     return joint_linear
+
+
+def _tokens(layer: list, batch: int):
+    x, x_scale = layer[0], layer[3]
+    return x.shape[1] if x_scale is None else x.shape[0] // batch  # an FP8 layer's rows are batch * tokens
+
+
+def _features(layer: list):
+    weight, x_scale = layer[1], layer[3]
+    return weight.shape[0] if x_scale is None else weight.shape[1]  # torch._scaled_mm takes it as (in, out)
 
 
 # Defined once per process: ComfyUI loads the pack as its own copy of these modules beside the
 # installed package (flash_attention.py does the same).
 joint_linear = (torch.ops.diffboost.joint_linear if hasattr(torch.ops.diffboost, "joint_linear") else _define())
 
+# torch._scaled_mm's arguments in its schema's order, to read a captured call whichever way it was written.
+_SCALED_MM_ARGS = ("self", "mat2", "scale_a", "scale_b", "bias", "scale_result", "out_dtype", "use_fast_accum")
+
+
+class Layer(NamedTuple):
+    """A projection in the captured graph: its node, [x, weight, bias, x_scale, weight_scale] for
+    joint_linear, and whether an FP8 one accumulates fast."""
+
+    node: torch.fx.Node
+    parts: list
+    fast_accum: bool
+
+
+def _layer(node) -> Layer | None:
+    """The linear or FP8 (torch._scaled_mm) layer that `node` calls, else None."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    if node.target in LINEAR and not node.kwargs and len(node.args) in (2, 3):
+        x, weight, *bias = node.args
+        return Layer(node, [x, weight, bias[0] if bias else None, None, None], False)
+    if node.target is torch._scaled_mm:
+        args = dict(zip(_SCALED_MM_ARGS[:len(node.args)], node.args, strict=True)) | dict(node.kwargs)
+        if set(args) - set(_SCALED_MM_ARGS) or args.get("scale_result") is not None:
+            return None
+        return Layer(node, [args["self"], args["mat2"], args.get("bias"), args["scale_a"], args["scale_b"]],
+                     bool(args.get("use_fast_accum", False)))
+    return None
+
 
 def _is_view(node) -> bool:
     if not isinstance(node, torch.fx.Node) or not node.args or not isinstance(node.args[0], torch.fx.Node):
         return False
     if node.op == "call_method":
+        if node.target == "to":  # an FP8 layer's cast to the dtype it already has returns its input
+            seen, source = example_value(node), example_value(node.args[0])
+            return seen is not None and source is not None and torch._C._is_alias_of(seen, source)
         return node.target in _VIEW_METHODS
     if node.op != "call_function" or node.target not in _VIEW_FUNCTIONS:
         return False
@@ -75,23 +126,24 @@ def _is_view(node) -> bool:
 
 
 def _projection(part: torch.fx.Node, devices: tuple[str, ...]):
-    """(layer, first column, trailing shape) where `part` is `layer`'s output columns [first, first +
-    width), seen through views only as (batch, tokens, *trailing shape); None otherwise."""
+    """(layer, first column, trailing shape, batch) where `part` is a layer's output columns [first,
+    first + width), seen through views only as (batch, tokens, *trailing shape); None otherwise. The layer's
+    output is (batch, tokens, features), or (batch * tokens, features) for an FP8 layer."""
     node = part
     while _is_view(node):
         node = node.args[0]
-    if not (node.op == "call_function" and node.target in LINEAR and not node.kwargs and len(node.args) in (2, 3)):
-        return None
+    layer = _layer(node)
     out, seen = example_value(node), example_value(part)
-    if out is None or seen is None or out.ndim != 3 or seen.ndim < 3 or out.device.type not in devices:
+    if layer is None or out is None or seen is None or out.ndim not in (2, 3) or seen.ndim < 3 \
+            or out.device.type not in devices:
         return None
     if not torch._C._is_alias_of(seen, out):
         return None  # a copy on the way (a reshape that could not view): not a column slice
-    batch, tokens, features = out.shape
-    trailing = tuple(seen.shape[2:])
+    batch, tokens, *trailing = seen.shape
+    features = out.shape[-1]
     width = math.prod(trailing)
     first = seen.storage_offset() - out.storage_offset()
-    expected = [batch, tokens, *trailing]
+    rows = [batch * tokens] if out.ndim == 2 else [batch, tokens]
     strides = [tokens * features, features]
     inner = [1]
     for size in reversed(trailing[1:]):
@@ -99,14 +151,14 @@ def _projection(part: torch.fx.Node, devices: tuple[str, ...]):
     strides += inner
     fits = (isinstance(batch, int) and isinstance(first, int) and isinstance(width, int)
             and all(isinstance(s, int) for s in trailing) and 0 <= first and first + width <= features
-            and all(statically_known_true(a == b) for a, b in zip(seen.shape, expected, strict=True))
+            and all(statically_known_true(a == b) for a, b in zip(out.shape[:-1], rows, strict=True))
             and all(statically_known_true(a == b) for a, b in zip(seen.stride(), strides, strict=True)))
-    return (node, first, trailing) if fits else None
+    return (layer, first, tuple(trailing), batch) if fits else None
 
 
 def _concatenations(gm: torch.fx.GraphModule, devices: tuple[str, ...]) -> dict:
-    """{(prompt's layer, image's layer): [(cat, first column, trailing shape), ...]} for each concatenation
-    along the tokens of two column slices, the same columns of two layers."""
+    """{(prompt's layer node, image's): (their Layers, batch, [(cat, first column, trailing shape), ...])}
+    for each concatenation along the tokens of two column slices, the same columns of two layers."""
     found: dict = {}
     for cat in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.cat]:
         parts = cat.args[0]
@@ -117,12 +169,14 @@ def _concatenations(gm: torch.fx.GraphModule, devices: tuple[str, ...]) -> dict:
         a, b = (_projection(p, devices) for p in parts)
         if a is None or b is None or a[1:] != b[1:] or dim not in (1, 1 - example_value(parts[0]).ndim):
             continue
-        (layer_a, *_), (layer_b, *_) = a, b
-        out_a, out_b = example_value(layer_a), example_value(layer_b)
-        if layer_a is layer_b or out_a.shape[0] != out_b.shape[0] or out_a.shape[2] != out_b.shape[2] \
-                or out_a.dtype != out_b.dtype or (len(layer_a.args) == 3) != (len(layer_b.args) == 3):
+        (layer_a, first, trailing, batch), layer_b = a, b[0]
+        out_a, out_b = example_value(layer_a.node), example_value(layer_b.node)
+        both_fp8 = layer_a.parts[3] is not None and layer_b.parts[3] is not None
+        if layer_a.node is layer_b.node or out_a.shape[-1] != out_b.shape[-1] or out_a.dtype != out_b.dtype \
+                or (both_fp8 and layer_a.fast_accum != layer_b.fast_accum):
             continue
-        found.setdefault((layer_a, layer_b), []).append((cat, *a[1:]))
+        entry = found.setdefault((layer_a.node, layer_b.node), ((layer_a, layer_b), batch, []))
+        entry[2].append((cat, first, trailing))
     return found
 
 
@@ -146,13 +200,13 @@ def use_joint_qkv(gm: torch.fx.GraphModule, devices: tuple[str, ...] | None = No
     devices = DEVICES if devices is None else devices
     graph, order = gm.graph, {n: i for i, n in enumerate(gm.graph.nodes)}
     rewritten = 0
-    for (layer_a, layer_b), cats in _concatenations(gm, devices).items():
-        if not (_ends(layer_a) | _ends(layer_b)) <= {cat for cat, *_ in cats}:
+    for (node_a, node_b), ((layer_a, layer_b), batch, cats) in _concatenations(gm, devices).items():
+        if not (_ends(node_a) | _ends(node_b)) <= {cat for cat, *_ in cats}:
             continue  # a layer's output is also used elsewhere: it would be computed twice
-        args = lambda layer: (*layer.args, None) if len(layer.args) == 2 else layer.args  # noqa: E731
-        with graph.inserting_after(max(layer_a, layer_b, key=order.get)):
-            joint = graph.call_function(torch.ops.diffboost.joint_linear.default, (*args(layer_a), *args(layer_b)))
-        batch = example_value(layer_a).shape[0]
+        with graph.inserting_after(max(node_a, node_b, key=order.get)):
+            joint = graph.call_function(torch.ops.diffboost.joint_linear.default, (
+                batch, layer_a.parts, layer_b.parts, example_value(node_a).dtype,
+                layer_a.fast_accum or layer_b.fast_accum))
         for cat, first, trailing in cats:
             with graph.inserting_before(cat):
                 block = slice(first, first + math.prod(trailing))
@@ -161,7 +215,7 @@ def use_joint_qkv(gm: torch.fx.GraphModule, devices: tuple[str, ...] | None = No
             cat.replace_all_uses_with(seen)
             graph.erase_node(cat)
             rewritten += 1
-        _erase_unused_views(graph, (layer_a, layer_b))
+        _erase_unused_views(graph, (node_a, node_b))
     if rewritten:
         graph.lint()
         gm.recompile()
