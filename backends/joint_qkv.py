@@ -134,8 +134,8 @@ def _projection(part: torch.fx.Node, devices: tuple[str, ...]):
         node = node.args[0]
     layer = _layer(node)
     out, seen = example_value(node), example_value(part)
-    if layer is None or out is None or seen is None or out.ndim not in (2, 3) or seen.ndim < 3 \
-            or out.device.type not in devices:
+    if layer is None or out is None or seen is None or seen.ndim < 3 or out.device.type not in devices \
+            or out.ndim != (3 if layer.parts[3] is None else 2):  # what joint_linear takes of each kind
         return None
     if not torch._C._is_alias_of(seen, out):
         return None  # a copy on the way (a reshape that could not view): not a column slice

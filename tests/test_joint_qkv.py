@@ -128,7 +128,7 @@ def test_which_concatenations_go(why, uses, bias, rewritten):
     assert counts == [rewritten], why
 
 
-def test_a_concatenation_of_other_columns_or_along_the_features_stays():
+def test_a_concatenation_of_other_columns_along_the_features_or_of_flattened_rows_stays():
     ctx, x, wc, bc, wx, bx = joint_weights()
 
     def mismatched(ctx, x):  # the prompt's q beside the image's k
@@ -139,7 +139,12 @@ def test_a_concatenation_of_other_columns_or_along_the_features_stays():
         c, i = F.linear(ctx, wc, bc), F.linear(ctx, wx, bx)
         return torch.cat((c[..., :8], i[..., :8]), dim=2)
 
-    for fn in (mismatched, along_features):
+    def flattened_rows(ctx, x):  # linear layers on (batch * tokens) rows: joint_linear takes only FP8 ones so
+        c = F.linear(ctx.reshape(-1, 8), wc, bc).reshape(2, 3, 24)
+        i = F.linear(x.reshape(-1, 8), wx, bx).reshape(2, 6, 24)
+        return torch.cat((c[..., :8], i[..., :8]), dim=1)
+
+    for fn in (mismatched, along_features, flattened_rows):
         compiled, counts = compiled_counting(fn)
         assert relative_error(compiled(ctx, x), fn(ctx, x)) < 1e-6
         assert counts == [0], fn.__name__
