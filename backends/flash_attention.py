@@ -39,7 +39,8 @@ def unavailable_reason() -> str | None:
     try:
         import flash_attn.cute  # noqa: F401
     except Exception as e:  # ImportError, or the CuTe DSL failing to find its libraries
-        return f"flash-attn-4 is not installed ({type(e).__name__}: {e}); pip install flash-attn-4"
+        # --pre: the package has only beta releases (its one final release, 0.0.1, is a yanked placeholder).
+        return f"flash-attn-4 is not installed ({type(e).__name__}: {e}); pip install --pre flash-attn-4"
     return None
 
 
