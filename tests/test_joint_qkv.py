@@ -140,7 +140,7 @@ def test_a_concatenation_of_other_columns_along_the_features_or_of_flattened_row
         c, i = F.linear(ctx, wc, bc), F.linear(ctx, wx, bx)
         return torch.cat((c[..., :8], i[..., :8]), dim=2)
 
-    def flattened_rows(ctx, x):  # linear layers on (batch * tokens) rows: joint_linear takes only FP8 ones so
+    def flattened_rows(ctx, x):  # linear layers on rows flattened to (batch * tokens): only FP8 ones come so
         c = F.linear(ctx.reshape(-1, 8), wc, bc).reshape(2, 3, 24)
         i = F.linear(x.reshape(-1, 8), wx, bx).reshape(2, 6, 24)
         return torch.cat((c[..., :8], i[..., :8]), dim=1)
