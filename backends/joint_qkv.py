@@ -42,8 +42,8 @@ def _define():
         in place into the result (no concatenation). A layer is [x, weight, bias, x_scale, weight_scale]:
         a linear one (x_scale None: x (batch, tokens, in), weight (out, in)) or an FP8 one (torch._scaled_mm's
         operands: e4m3 x (batch * tokens, in) with its scales, weight (in, out))."""
-        out = a[0].new_empty((batch, _tokens(a, batch) + _tokens(b, batch), _features(a)), dtype=dtype)
         split = _tokens(a, batch)
+        out = a[0].new_empty((batch, split + _tokens(b, batch), _features(a)), dtype=dtype)
         for i in range(batch):
             # One sample's rows of `out` are one contiguous block: the matmul (with its bias in cuBLAS's
             # epilogue) writes there directly.
