@@ -43,9 +43,9 @@ from .joint_qkv import use_joint_qkv
 from .latent_blocks import LatentInBlocks, dispatching
 from .modes import CompileMode
 from .options import CompileOptions
+from .regional import compiled_block_by_block
 from .rope import fuse_rope
 from .runtime import RECOMPILE_LIMIT
-from .standin import repeated_blocks, replace_submodules, twin_calling
 
 
 def inductor_settings(mode: CompileMode, memory_format: str = "preserve") -> dict:
@@ -187,14 +187,16 @@ class InductorBackend(Backend):
         if "isolate_recompiles" in accepted:
             kwargs["isolate_recompiles"] = True  # other compiles of the same class don't count against us
 
-        def compile_one(m: torch.nn.Module):
+        def compile_one(m: torch.nn.Module, region: torch.nn.Module | None = None):
+            # `region` (default `m`) is what is compiled; `m`'s class and layout key the reuse.
+            region = m if region is None else region
             key = layout_key(m, options) if _reusable(options) else None
             earlier = _EARLIER_COMPILES.get(key)
             if earlier is not None:
                 context, counting = earlier
                 counting.count_to(on_graph)
-                return context(m)
-            compiled = torch.compile(m, backend=backend, dynamic=options.dynamic_flag,
+                return context(region)
+            compiled = torch.compile(region, backend=backend, dynamic=options.dynamic_flag,
                                      options={"guard_filter_fn": keep_transformer_options_unguarded}, **kwargs)
             context = getattr(compiled, "dynamo_ctx", None)
             if key is not None and context is not None:
@@ -207,9 +209,7 @@ class InductorBackend(Backend):
     def _compiled(module: torch.nn.Module, options: CompileOptions, compile_one: Callable) -> Callable:
         if options.mode.regional:
             # One compile per block class and layout serves every instance: params are graph inputs.
-            blocks = repeated_blocks(module)
-            compiled = replace_submodules(
-                module, lambda name, m: twin_calling(m, compile_one(m)) if type(m) in blocks else None)
+            compiled = compiled_block_by_block(module, compile_one)
         elif options.dynamic == "on":
             # The latent's sides as multiples of 8: the downsampled sizes stay exact (latent_blocks.py).
             compiled = dispatching(compile_one(LatentInBlocks(module)), compile_one(module))

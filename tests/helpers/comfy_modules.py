@@ -15,15 +15,15 @@ def seeded(net: torch.nn.Module) -> torch.nn.Module:
     return net.eval()
 
 
-def comfy_flux():
-    """ComfyUI's Flux with one double and one single block, 256 wide."""
+def comfy_flux(blocks: int = 1):
+    """ComfyUI's Flux with `blocks` double and `blocks` single blocks, 256 wide."""
     from comfy.ldm.flux.model import Flux
 
     from helpers.tiny_models import FLUX
 
     config = {k: v for k, v in FLUX.items() if k != "image_model"}
     config.update(hidden_size=256, num_heads=4, axes_dim=[16, 24, 24], context_in_dim=64, vec_in_dim=32,
-                  depth=1, depth_single_blocks=1)
+                  depth=blocks, depth_single_blocks=blocks)
     net = seeded(Flux(**config, dtype=torch.float32, device="cpu", operations=_ops()))
     g = torch.Generator().manual_seed(1)
     kwargs = {"x": torch.randn(1, 16, 8, 8, generator=g), "timestep": torch.tensor([0.7]),
