@@ -8,12 +8,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from .cache import CompileCache, cache_key, device_name
 from .errors import CompileFailed
+from .graph_skips import SkippedRegions
 from .options import CompileOptions
 from .runtime import runtime_switches
 from .saved_graph import NOT_HANDLED
@@ -32,13 +34,15 @@ class CompileStats:
     failure: str | None = None  # set once the backend failed and the model fell back to eager
     cache: str = "off"  # "off", "miss" (compiled from scratch) or "hit" (artifacts loaded from disk)
     saved_graph: str = ""  # "loaded" (ran without tracing) or "saved" (traced, saved for the next process)
+    cuda_graph_skips: list[str] = field(default_factory=list)  # a reason per region CUDA graphs left out
     events: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"graphs_compiled": self.graphs_compiled, "calls": self.calls,
                 "compile_seconds": round(self.compile_seconds, 3),
                 "first_call_seconds": None if self.first_call_seconds is None else round(self.first_call_seconds, 3),
-                "failure": self.failure, "cache": self.cache, "saved_graph": self.saved_graph}
+                "failure": self.failure, "cache": self.cache, "saved_graph": self.saved_graph,
+                "cuda_graph_skips": list(self.cuda_graph_skips)}
 
 
 class CompiledModule(torch.nn.Module):
@@ -103,8 +107,9 @@ class CompiledModule(torch.nn.Module):
                                                      self._cache.root, self._cache_key)
         graphs_before = stats.graphs_compiled
         start = time.perf_counter()
+        skipped = SkippedRegions() if self.options.mode.cudagraphs else None
         try:
-            with self._lock, runtime_switches(self.options.mode):
+            with self._lock, runtime_switches(self.options.mode), skipped or nullcontext():
                 if self.options.mode.cudagraphs:
                     # A new sampling step: earlier CUDA-graph outputs may be overwritten from here on.
                     torch.compiler.cudagraph_mark_step_begin()
@@ -124,6 +129,8 @@ class CompiledModule(torch.nn.Module):
             self._fall_back_or_raise(e)
             return self._original(*args, **kwargs)
         elapsed = time.perf_counter() - start
+        if skipped is not None and skipped.count:
+            self._note_skipped_regions(skipped)
         stats.calls += 1
         if stats.first_call_seconds is None:
             stats.first_call_seconds = elapsed
@@ -152,6 +159,16 @@ class CompiledModule(torch.nn.Module):
         self.stats.events.append(f"fell back to eager: {reason}")
         log.warning("diffboost: %s failed on the %s, running it uncompiled from now on: %s",
                     self.options.backend, self.label, reason)
+
+    def _note_skipped_regions(self, skipped: SkippedRegions) -> None:
+        # Inductor skips regions off a CUDA GPU without a log line.
+        on_cuda = any(p.is_cuda for p in self._original.parameters())
+        unlogged = "no reason logged" if on_cuda else "the model is not on a CUDA GPU"
+        reasons = skipped.reasons + [unlogged] * (skipped.count - len(skipped.reasons))
+        self.stats.cuda_graph_skips.extend(reasons)
+        text = f"CUDA graphs left out {len(reasons)} compiled region(s), run kernel by kernel: {'; '.join(reasons)}"
+        self.stats.events.append(text)
+        log.warning("diffboost: %s: %s", self.label, text)
 
     def _save_to_cache(self) -> None:
         try:

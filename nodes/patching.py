@@ -82,7 +82,7 @@ def with_boost(model, **changes) -> object:
     m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     m.remove_wrappers_with_key(WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY)
     if denoiser is not original:
-        after = None if compiled is None else report_fallback(compiled, state.compile_node)
+        after = None if compiled is None else report_problems(compiled, state.compile_node)
         m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                swap_in_while_applying({DENOISER: denoiser}, after))
         # A faster denoiser leaves the GPU idle on ComfyUI's per-step conditioning copies.
@@ -128,15 +128,19 @@ def release_unless_running(denoiser) -> None:
             release(denoiser)
 
 
-def report_fallback(compiled: CompiledModule, node_id: str | None) -> Callable[[], None]:
-    """A callback that shows, once, on the Compile Model node that its model fell back to eager: the
-    node's own text was written before the first sampling step, where the compile happens."""
-    reported = []
+def report_problems(compiled: CompiledModule, node_id: str | None) -> Callable[[], None]:
+    """A callback that shows on the Compile Model node, once each, that its model fell back to eager or
+    that CUDA graphs left regions out: the node's own text was written before the first sampling step,
+    where the compile happens."""
+    reported = set()
 
     def after_call() -> None:
-        if reported or compiled.stats.failure is None or node_id is None:
+        s = compiled.stats
+        problems = {"failure"} if s.failure else set()
+        problems |= {"cuda graph skips"} if s.cuda_graph_skips else set()
+        if problems <= reported or node_id is None:
             return
-        reported.append(True)
+        reported.update(problems)
         from server import PromptServer
 
         server = PromptServer.instance
@@ -166,4 +170,8 @@ def describe_compiled(compiled: CompiledModule) -> str:
         text += f", graph {s.saved_graph}"
     if s.failure:
         text += f", FELL BACK TO EAGER ({s.failure[:120]})"
+    elif s.cuda_graph_skips:
+        reasons = "; ".join(sorted(set(s.cuda_graph_skips)))
+        text += (f", CUDA GRAPHS LEFT OUT {len(s.cuda_graph_skips)} REGION(S) ({reasons[:160]}): "
+                 "they run kernel by kernel")
     return text

@@ -13,6 +13,7 @@ import ctypes
 import gc
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -204,6 +205,19 @@ def test_fall_back_to_eager_gives_the_eager_output_and_says_so_on_the_node(host,
     texts = result.outputs[INSERTED]["text"] + [e["text"] for e in result.events_named("progress_text")
                                                  if e["node"] == INSERTED]
     assert any(f"FELL BACK TO EAGER (InjectedCompilerError: {FAILURE_TEXT}" in t for t in texts), texts
+
+
+def test_compile_model_names_the_regions_cuda_graphs_left_out(host, reference):
+    """`cudagraphs` where CUDA graphs cannot run (here: on the CPU): the node says so after the first
+    step, with the reason. (A mode no other test compiles: graphs reused from an earlier compile in the
+    same process were skipped, and said so, at that compile.)"""
+    insert = compile_model(host, mode="cudagraphs:jit:skip-rewrites")
+    result = host.run_prompt(eager_graph(host, insert=insert), fresh=True).check()
+    assert rel_err(host.captured_latent(), reference) < TOLERANCE  # compiled, kernel by kernel
+    texts = [e["text"] for e in result.events_named("progress_text") if e["node"] == INSERTED]
+    # One region per graph: ComfyUI's CPU attention breaks the UNet's trace into many.
+    assert any(re.search(r"CUDA GRAPHS LEFT OUT [1-9]\d* REGION\(S\) \(the model is not on a CUDA GPU\)", t)
+               for t in texts), texts
 
 
 def test_interrupt_during_a_long_compile_leaves_the_server_healthy_and_the_next_compile_works(server, host):
