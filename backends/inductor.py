@@ -11,7 +11,7 @@
 | jit             | max_autotune=False, coordinate_descent_tuning=False                              |
 | low-precision   | run time: reduced-precision fp16/bf16 matmul reductions, TF32 (restored after)   |
 | benchmark       | run time: cudnn.benchmark (restored after)                                       |
-| regional        | each repeated block compiled once, reused by all its instances (stand-in tree)   |
+| regional        | each repeated block compiled once, reused by all its instances (regional.py)     |
 | fuse-rope       | graph pass: comfy_kitchen's RoPE ops become plain torch that inductor fuses      |
 | flash-attn-4    | graph pass: long self-attention calls go to FlashAttention's CuTe kernels        |
 | gelu-epilogue   | graph pass: linear + tanh-GELU becomes one cuBLAS matmul with a GELU epilogue    |
