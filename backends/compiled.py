@@ -3,6 +3,7 @@ counts every (re)compile, and falls back to the original module when the backend
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -161,8 +162,8 @@ class CompiledModule(torch.nn.Module):
                     self.options.backend, self.label, reason)
 
     def _note_skipped_regions(self, skipped: SkippedRegions) -> None:
-        # Inductor skips regions off a CUDA GPU without a log line.
-        on_cuda = any(p.is_cuda for p in self._original.parameters())
+        # Inductor skips regions off a CUDA GPU without a log line. Buffers count: FP8 layers hold no parameters.
+        on_cuda = any(t.is_cuda for t in itertools.chain(self._original.parameters(), self._original.buffers()))
         unlogged = "no reason logged" if on_cuda else "the model is not on a CUDA GPU"
         reasons = skipped.reasons + [unlogged] * (skipped.count - len(skipped.reasons))
         self.stats.cuda_graph_skips.extend(reasons)
