@@ -30,8 +30,10 @@ def flux(blocks: int = 2):
     return net, {**kwargs, "transformer_options": override}
 
 
-def _copy(value):
-    return value.clone() if isinstance(value, torch.Tensor) else value
+def _copies(args, kwargs) -> tuple[tuple, dict]:
+    """`args` and `kwargs` with each tensor among them cloned."""
+    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return tuple(map(copy, args)), {k: copy(v) for k, v in kwargs.items()}
 
 
 def _tensors(args, kwargs) -> list[torch.Tensor]:
@@ -43,7 +45,7 @@ def block_arguments(net, kwargs, block) -> tuple[tuple, dict]:
     seen = []
 
     def record(module, args, kw):
-        seen.append((tuple(map(_copy, args)), {k: _copy(v) for k, v in kw.items()}))
+        seen.append(_copies(args, kw))
 
     handle = block.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -56,7 +58,7 @@ def block_arguments(net, kwargs, block) -> tuple[tuple, dict]:
 
 def call_and_see_what_it_wrote(fn, arguments):
     """`fn`'s outputs on copies of `arguments`, and for each tensor argument whether `fn` changed it."""
-    args, kwargs = tuple(map(_copy, arguments[0])), {k: _copy(v) for k, v in arguments[1].items()}
+    args, kwargs = _copies(*arguments)
     before = [t.clone() for t in _tensors(args, kwargs)]
     with torch.no_grad():
         out = fn(*args, **kwargs)
