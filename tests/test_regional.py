@@ -105,8 +105,8 @@ def test_on_the_gpu_every_regional_flux_block_is_captured_by_cuda_graphs(comfy_h
 
     net, kwargs = flux()  # without the graph break that the tests' CPU-mode host's attention has
     net = net.to("cuda", torch.bfloat16)
-    kwargs = {k: v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.cuda() if torch.is_tensor(v) else v
-              for k, v in kwargs.items()}
+    on_gpu = lambda v: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype)  # noqa: E731
+    kwargs = {k: on_gpu(v) if torch.is_tensor(v) else v for k, v in kwargs.items()}
     counters.clear()
     with torch.no_grad():
         expected = net(**kwargs)
