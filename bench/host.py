@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
@@ -132,3 +133,17 @@ def boot(cpu: bool | None = None, load_pack: bool = True, extras: bool = False, 
     logging.getLogger().setLevel(level)
     _booted = Host(path, recording, cpu)
     return _booted
+
+
+def comfy_kitchen_state() -> str:
+    """'comfy_kitchen VERSION' where the booted ComfyUI found its kernel package, else 'without
+    comfy_kitchen'. ComfyUI's eager Flux (its RoPE) and native FP8 run its kernels, so a ratio to eager
+    depends on it."""
+    import comfy.quant_ops
+
+    if getattr(comfy.quant_ops, "ck", None) is None:  # ComfyUI's own test: comfy/ldm/flux/math.py
+        return "without comfy_kitchen"
+    try:
+        return f"comfy_kitchen {importlib.metadata.version('comfy-kitchen')}"
+    except importlib.metadata.PackageNotFoundError:  # importable, but not installed as a distribution
+        return "comfy_kitchen (version unknown)"

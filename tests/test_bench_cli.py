@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -24,6 +25,13 @@ def _comfy_or_skip():
         pytest.skip(f"HOST TESTS SKIPPED: {e}")
 
 
+def _kitchen_as_installed() -> str:
+    try:
+        return f"comfy_kitchen {importlib.metadata.version('comfy-kitchen')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "without comfy_kitchen"
+
+
 def test_cli_compares_the_default_variants_on_cpu(tmp_path):
     _comfy_or_skip()
     out_json, out_png, profiles = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "profiles"
@@ -33,8 +41,11 @@ def test_cli_compares_the_default_variants_on_cpu(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "it/s" in proc.stdout and "eager" in proc.stdout
-    records = json.loads(out_json.read_text())["variants"]
+    written = json.loads(out_json.read_text())
+    records = written["variants"]
     assert [r["variant"] for r in records] == variants.names(default_only=True)
+    # The setup line says whether ComfyUI's eager ran with comfy_kitchen (Flux's eager RoPE depends on it).
+    assert written["setup"].endswith(_kitchen_as_installed()), written["setup"]
     for r in records:
         for key in REQUIRED:
             assert key in r, (r["variant"], key)
