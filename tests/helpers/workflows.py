@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from .tiny_models import _random  # the tiny checkpoints' seeded weights
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
@@ -197,22 +198,6 @@ INPUT_IMAGE = "example.png"  # ships in ComfyUI/input; the image workflows load 
 
 def _shapes(module) -> dict:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def _random(shapes: dict, seed: int, dtype) -> dict:
-    """Seeded weights that keep activations O(1): N(0, 1/fan_in) matrices, unit scales, zero biases."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in sorted(shapes):
-        shape = shapes[name]
-        if len(shape) >= 2:
-            t = torch.empty(shape).normal_(0.0, 1.0 / math.sqrt(math.prod(shape[1:])), generator=g)
-        else:
-            t = torch.ones(shape) if name.endswith(("weight", "scale")) else torch.zeros(shape)
-        out[name] = t.to(dtype)
-    return out
 
 
 def _ip2p_unet_shapes(sd15_config: dict) -> dict:
