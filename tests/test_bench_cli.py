@@ -12,17 +12,9 @@ import sys
 import pytest
 
 from diffboost.bench import variants
-from diffboost.bench.host import ComfyNotFound, comfy_path
 
 REQUIRED = ("variant", "it_per_s", "first_call_s", "peak_mem_bytes", "recompiles", "tflops", "rel_err_vs_eager",
             "cosine_vs_eager", "one_call_rel_err_vs_eager", "one_call_cosine_vs_eager")
-
-
-def _comfy_or_skip():
-    try:
-        return comfy_path()
-    except ComfyNotFound as e:
-        pytest.skip(f"HOST TESTS SKIPPED: {e}")
 
 
 def _kitchen_as_installed() -> str:
@@ -32,8 +24,7 @@ def _kitchen_as_installed() -> str:
         return "without comfy_kitchen"
 
 
-def test_cli_compares_the_default_variants_on_cpu(tmp_path):
-    _comfy_or_skip()
+def test_cli_compares_the_default_variants_on_cpu(tmp_path, comfy_path):
     out_json, out_png, profiles = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "profiles"
     cmd = [sys.executable, "-m", "diffboost.bench", "--model", "tiny-sd15", "--steps", "2", "--runs", "2",
            "--res", "64", "--json", str(out_json), "--plot", str(out_png), "--profile", str(profiles)]
@@ -160,11 +151,10 @@ def test_custom_variants_take_compile_model_inputs():
     assert fp8_per_step.summary.startswith("diffboost Quantize FP8") and "at every step" in fp8_per_step.summary
 
 
-def test_restart_measures_the_warm_start_beside_the_cold_one(tmp_path):
+def test_restart_measures_the_warm_start_beside_the_cold_one(tmp_path, comfy_path):
     """`--restart`: the variants again in a new process with an empty inductor cache, where only the
     compile cache the first process filled can help; both first calls in one table. Variants that
     diffboost does not compile (here the uncompiled FP8, unavailable on the CPU) are not run again."""
-    _comfy_or_skip()
     out_json, cache = tmp_path / "bench.json", tmp_path / "cache"
     cmd = [sys.executable, "-m", "diffboost.bench", "--model", "tiny-sd15", "--steps", "2", "--runs", "1",
            "--res", "64", "--variants", "eager,diffboost-fp8,diffboost=default", "--compile-cache", str(cache),

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from diffboost.bench.host import ComfyNotFound, comfy_path
-
 STUDY = Path(__file__).resolve().parent.parent / "benchmarks" / "host_load_study.py"
 
 
@@ -29,11 +27,7 @@ def _processes_running(marker: str) -> list[int]:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="!!! NO CPU AFFINITY ON THIS OS: study SKIPPED !!!")
-def test_the_study_runs_the_bench_on_shared_cores_and_leaves_no_spinning_process(tmp_path):
-    try:
-        comfy_path()
-    except ComfyNotFound as e:
-        pytest.skip(f"HOST TESTS SKIPPED: {e}")
+def test_the_study_runs_the_bench_on_shared_cores_and_leaves_no_spinning_process(tmp_path, comfy_path):
     out = tmp_path / "study.json"
     marker = str(tmp_path)  # only this run's processes carry it
     cmd = [sys.executable, str(STUDY), "--cores", "1", "--hogs", "1", "--", "--model", "tiny-sd15", "--steps", "1",
