@@ -176,7 +176,7 @@ def run_in_process(args, chosen) -> tuple[list[dict], str]:
     """Boot ComfyUI here, build the model once, and measure every variant on its own clone."""
     from tqdm import tqdm
 
-    from .host import boot, comfy_kitchen_state
+    from .host import boot, comfy_kitchen_version
 
     host = boot(vram=args.vram)
     import torch
@@ -200,10 +200,10 @@ def run_in_process(args, chosen) -> tuple[list[dict], str]:
               f"cfg {bm.cfg}, {args.warmup} warm-up + {args.runs} timed runs, device {_device_name(device)}")
     if args.vram != "normal":
         header += f", ComfyUI memory mode {host.mm.vram_state.name}"
-    kitchen = comfy_kitchen_state()
-    header += f", {kitchen}"
+    kitchen = comfy_kitchen_version()
+    header += f", comfy_kitchen {kitchen}" if kitchen else ", without comfy_kitchen"
     print(header)
-    if kitchen.startswith("without"):
+    if kitchen is None:
         print("note: this ComfyUI has no comfy_kitchen, which ComfyUI's requirements install: its eager Flux "
               "then computes RoPE with slower functions, and every ratio to eager on Flux is higher than in "
               "a ComfyUI installed as its users install it (pip install comfy-kitchen)", flush=True)

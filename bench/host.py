@@ -135,15 +135,14 @@ def boot(cpu: bool | None = None, load_pack: bool = True, extras: bool = False, 
     return _booted
 
 
-def comfy_kitchen_state() -> str:
-    """'comfy_kitchen VERSION' where the booted ComfyUI found its kernel package, else 'without
-    comfy_kitchen'. ComfyUI's eager Flux (its RoPE) and native FP8 run its kernels, so a ratio to eager
-    depends on it."""
+def comfy_kitchen_version() -> str | None:
+    """The version of comfy_kitchen the booted ComfyUI found, or None where it found none. ComfyUI's
+    eager Flux (its RoPE) and native FP8 run its kernels, so a ratio to eager depends on it."""
     import comfy.quant_ops
 
     if getattr(comfy.quant_ops, "ck", None) is None:  # ComfyUI's own test: comfy/ldm/flux/math.py
-        return "without comfy_kitchen"
+        return None
     try:
-        return f"comfy_kitchen {importlib.metadata.version('comfy-kitchen')}"
+        return importlib.metadata.version("comfy-kitchen")
     except importlib.metadata.PackageNotFoundError:  # importable, but not installed as a distribution
-        return "comfy_kitchen (version unknown)"
+        return "(version unknown)"
