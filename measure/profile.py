@@ -15,6 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+FUSED = "fused element-wise (compiled)"
+# inductor names a kernel after every op it fused, so the RMSNorm-and-RoPE kernel that writes
+# cuDNN attention's inputs is "triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_...":
+# its generated point-wise, reduction and persistent-reduction kernels are element-wise whatever they name.
+GENERATED_ELEMENTWISE = ("triton_poi_", "triton_red_", "triton_per_")
+GENERATED_TEMPLATE = "triton_tem_"  # inductor's matmul, convolution and flex-attention templates
+
 # (category, substrings of kernel or operator names, lower case); the first match wins. Attention
 # first: its kernels' names also hold "gemm"; cuDNN's convolution kernels hold "conv" and "gemm".
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -22,7 +29,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("convolution", ("conv", "implicit_gemm", "winograd", "fprop", "dgrad", "wgrad")),
     ("matmul", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "sm80_xmma", "scaled_mm", "aten::mm",
                 "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "mkldnn_linear", "aten::linear")),
-    ("fused element-wise (compiled)", ("triton_", "cpp_fused", "kernel_cpp")),
+    (FUSED, ("triton_", "cpp_fused", "kernel_cpp")),
     ("copy / cast / fill", ("memcpy", "memset", "copy", "aten::to", "aten::_to_copy", "cat", "fill", "zero")),
 )
 OTHER = "other"
@@ -31,10 +38,20 @@ TOP_KERNELS = 25
 
 def category(name: str) -> str:
     lowered = name.lower()
+    if lowered.startswith(GENERATED_ELEMENTWISE):
+        return FUSED
+    if lowered.startswith(GENERATED_TEMPLATE):
+        return _template_category(lowered)
     for label, keys in CATEGORIES:
         if any(k in lowered for k in keys):
             return label
     return OTHER
+
+
+def _template_category(lowered: str) -> str:
+    if "attention" in lowered:
+        return "attention"
+    return "convolution" if "convolution" in lowered else "matmul"
 
 
 @dataclass

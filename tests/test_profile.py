@@ -15,6 +15,15 @@ def test_kernel_names_fall_into_the_kind_of_work_they_do():
     assert category("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
     assert category("sm80_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
     assert category("triton_per_fused_add_mul_native_layer_norm_3") == "fused element-wise (compiled)"
+    # inductor's kernels carry the names of every op they fused: the norm-and-RoPE kernel in front of
+    # an attention, or a convolution's bias add, is element-wise work, not attention or convolution
+    assert category("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention__to_copy_addcmul_mul_"
+                    ) == "fused element-wise (compiled)"
+    assert category("triton_poi_fused_convolution_silu_4") == "fused element-wise (compiled)"
+    # its templates are the matmuls, convolutions and attentions they were generated for
+    assert category("triton_tem_fused_addmm_gelu_7") == "matmul"
+    assert category("triton_tem_fused_convolution_2") == "convolution"
+    assert category("triton_tem_fused_flex_attention_0") == "attention"
     assert category("Memcpy DtoD (Device -> Device)") == "copy / cast / fill"
     assert category("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>") == OTHER
 
