@@ -50,6 +50,8 @@ def _define():
     @torch.library.custom_op("diffboost::flash_attention", mutates_args=())
     def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """softmax(q kᵀ · scale) v over (batch, tokens, heads, head dim) inputs, on the GPU."""
+        if not is_long(q.shape[1], k.shape[1]):  # a token count the graph left symbolic, short this time
+            return _sdpa(q, k, v, scale)
         from flash_attn.cute import flash_attn_func
 
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -60,14 +62,20 @@ def _define():
     def _(q, k, v, scale):
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
-    @flash_attention.register_kernel("cpu")
-    def _(q, k, v, scale):
-        # The same arithmetic through torch's SDPA: a reference, so that graphs using the op run anywhere.
-        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                               v.transpose(1, 2), scale=scale)
-        return out.transpose(1, 2).contiguous()
-
+    # The same arithmetic through torch's SDPA: a reference, so that graphs using the op run anywhere.
+    flash_attention.register_kernel("cpu")(_sdpa)
     return flash_attention
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                           v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2).contiguous()
+
+
+def is_long(q_tokens: int, k_tokens: int) -> bool:
+    """Whether FlashAttention's kernel is the faster one for this many query and key tokens."""
+    return q_tokens >= MIN_TOKENS and k_tokens >= MIN_TOKENS
 
 
 # Defined once per process: ComfyUI loads the pack as its own copy of these modules beside the
@@ -89,8 +97,9 @@ def unfit_reason(q, k, v) -> str | None:
     """Why an SDPA call on these (batch, heads, tokens, dim) tensors stays with torch's kernels, or None
     where it goes to FlashAttention: half precision, the same heads for q, k and v, a head dim the
     kernels take, long sequences. Token counts may be symbolic (the prompt's length is, so that a new
-    prompt does not recompile): they qualify only where they are long for every value they can take,
-    which adds no guard after the trace; batch, heads and head dim must be fixed."""
+    prompt does not recompile; a `regional` block's whole sequence is): those that may be long go, and
+    the op compares them with MIN_TOKENS at each call, which adds no guard after the trace; batch,
+    heads and head dim must be fixed."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     if not all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in (q, k, v)):
@@ -103,7 +112,7 @@ def unfit_reason(q, k, v) -> str | None:
     if not (q.shape[1] == k.shape[1] == v.shape[1] and k.shape[-1] == v.shape[-1] == d
             and d % 8 == 0 and 8 <= d <= 256):
         return f"shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-    if not all(statically_known_true(t.shape[2] >= MIN_TOKENS) for t in (q, k)):
+    if any(statically_known_true(t.shape[2] < MIN_TOKENS) for t in (q, k)):
         return f"{q.shape[2]} and {k.shape[2]} tokens"
     return None
 

@@ -59,7 +59,7 @@ def test_long_attention_runs_through_the_op_and_matches_sdpa(monkeypatch):
     assert relative_error(out, joint_attention(image, prompt, 4)) < 1e-3
 
 
-def test_a_prompt_length_that_may_change_qualifies_only_if_every_length_is_long(monkeypatch, caplog):
+def test_a_token_count_that_may_change_goes_to_the_op_without_a_new_guard(monkeypatch):
     image, prompt = inputs()
     torch._dynamo.mark_dynamic(prompt, 1)  # as Compile Model keeps the prompt's length dynamic
     monkeypatch.setattr(fa, "MIN_TOKENS", 32)  # 40 image tokens plus any prompt: always long enough
@@ -69,13 +69,17 @@ def test_a_prompt_length_that_may_change_qualifies_only_if_every_length_is_long(
     assert relative_error(fn(image, shorter, 4), joint_attention(image, shorter, 4)) < 1e-3
     assert counts == [1]  # one graph for both prompt lengths
 
+    # Long enough for some prompt lengths only (a `regional` block's whole sequence is one symbol):
+    # the call goes to the op, which compares the tokens with MIN_TOKENS at each call (`is_long`).
     torch._dynamo.reset()
-    monkeypatch.setattr(fa, "MIN_TOKENS", 64)  # long enough only for some prompt lengths: torch's kernel
+    monkeypatch.setattr(fa, "MIN_TOKENS", 64)
     fn, counts = compiled_counting(joint_attention)
-    with caplog.at_level(logging.INFO, logger="diffboost"):
-        fn(image, prompt, 4)
-    assert counts == [0]
-    assert "flash-attn-4 runs 0 of 1 attention calls" in caplog.text and "tokens" in caplog.text
+    for tokens in (7, 30):  # 47 and 70 tokens in all
+        prompt = inputs(prompt_tokens=tokens)[1]
+        torch._dynamo.mark_dynamic(prompt, 1)
+        assert relative_error(fn(image, prompt, 4), joint_attention(image, prompt, 4)) < 1e-3
+    assert counts == [1]
+    assert not fa.is_long(47, 47) and fa.is_long(70, 70) and not fa.is_long(70, 47)
 
 
 @pytest.mark.parametrize("case, why", [
@@ -100,6 +104,20 @@ def test_calls_the_kernels_do_not_take_stay_with_torch(monkeypatch, caplog, case
 def test_without_a_gpu_the_reason_says_so():
     fa.unavailable_reason.cache_clear()
     assert fa.unavailable_reason() == "flash-attn-4 needs a CUDA GPU"
+
+
+@pytest.mark.skipif(fa.unavailable_reason() is not None,
+                    reason=f"!!! flash-attn-4's kernels were NOT RUN: {fa.unavailable_reason()} !!!")
+def test_on_the_gpu_a_short_call_runs_torchs_kernel_and_a_long_one_flashattention():
+    def call(tokens):
+        g = torch.Generator("cuda").manual_seed(tokens)
+        q, k, v = (torch.randn(1, tokens, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        return fa.flash_attention(q, k, v, 0.125), fa._sdpa(q, k, v, 0.125)
+
+    out, ref = call(fa.MIN_TOKENS - 1)
+    assert torch.equal(out, ref)  # the op's own fallback: torch's SDPA, bit for bit
+    out, ref = call(fa.MIN_TOKENS)
+    assert relative_error(out, ref) < 1e-2  # FlashAttention's kernel: bf16 rounding from torch's
 
 
 # Compiles a call of the op ahead of time and saves it ("save"), or loads it in a new process and prints
