@@ -97,9 +97,10 @@ def unfit_reason(q, k, v) -> str | None:
     """Why an SDPA call on these (batch, heads, tokens, dim) tensors stays with torch's kernels, or None
     where it goes to FlashAttention: half precision, the same heads for q, k and v, a head dim the
     kernels take, long sequences. Token counts may be symbolic (the prompt's length is, so that a new
-    prompt does not recompile; a `regional` block's whole sequence is): those that may be long go, and
-    the op compares them with MIN_TOKENS at each call, which adds no guard after the trace; batch,
-    heads and head dim must be fixed."""
+    prompt does not recompile; a `regional` block's whole sequence is): one that is long for every
+    value goes; one that may be short goes where it was long in the call the graph was traced for
+    (Flux's single blocks), and the op then compares it with MIN_TOKENS at each call; neither adds a
+    guard after the trace. Batch, heads and head dim must be fixed."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     if not all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in (q, k, v)):
@@ -112,9 +113,18 @@ def unfit_reason(q, k, v) -> str | None:
     if not (q.shape[1] == k.shape[1] == v.shape[1] and k.shape[-1] == v.shape[-1] == d
             and d % 8 == 0 and 8 <= d <= 256):
         return f"shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-    if any(statically_known_true(t.shape[2] < MIN_TOKENS) for t in (q, k)):
+    if not all(statically_known_true(n >= MIN_TOKENS) or _traced_value(n) >= MIN_TOKENS
+               for n in (q.shape[2], k.shape[2])):
         return f"{q.shape[2]} and {k.shape[2]} tokens"
     return None
+
+
+def _traced_value(n) -> int:
+    """A size's value in the call the graph was traced for (0 where the trace holds none)."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(n.node, "hint", None)
+    return hint if isinstance(hint, int) else 0
 
 
 def _unfit_call(node: torch.fx.Node, devices: tuple[str, ...]) -> str | None:

@@ -59,7 +59,7 @@ def test_long_attention_runs_through_the_op_and_matches_sdpa(monkeypatch):
     assert relative_error(out, joint_attention(image, prompt, 4)) < 1e-3
 
 
-def test_a_token_count_that_may_change_goes_to_the_op_without_a_new_guard(monkeypatch):
+def test_a_token_count_that_may_change_goes_to_the_op_without_a_new_guard(monkeypatch, caplog):
     image, prompt = inputs()
     torch._dynamo.mark_dynamic(prompt, 1)  # as Compile Model keeps the prompt's length dynamic
     monkeypatch.setattr(fa, "MIN_TOKENS", 32)  # 40 image tokens plus any prompt: always long enough
@@ -70,15 +70,21 @@ def test_a_token_count_that_may_change_goes_to_the_op_without_a_new_guard(monkey
     assert counts == [1]  # one graph for both prompt lengths
 
     # Long enough for some prompt lengths only (a `regional` block's whole sequence is one symbol):
-    # the call goes to the op, which compares the tokens with MIN_TOKENS at each call (`is_long`).
-    torch._dynamo.reset()
-    monkeypatch.setattr(fa, "MIN_TOKENS", 64)
-    fn, counts = compiled_counting(joint_attention)
-    for tokens in (7, 30):  # 47 and 70 tokens in all
+    # traced long, the call goes to the op, which compares the tokens with MIN_TOKENS at each call.
+    def run(fn, tokens):
         prompt = inputs(prompt_tokens=tokens)[1]
         torch._dynamo.mark_dynamic(prompt, 1)
         assert relative_error(fn(image, prompt, 4), joint_attention(image, prompt, 4)) < 1e-3
-    assert counts == [1]
+
+    monkeypatch.setattr(fa, "MIN_TOKENS", 64)
+    for first, then, sent in ((30, 7, [1]), (7, 30, [0])):  # 70 and 47 tokens in all
+        torch._dynamo.reset()
+        fn, counts = compiled_counting(joint_attention)
+        with caplog.at_level(logging.INFO, logger="diffboost"):
+            run(fn, first)
+        run(fn, then)
+        assert counts == sent  # one graph each time; traced short, it stays with torch's kernel
+    assert "tokens" in caplog.text
     assert not fa.is_long(47, 47) and fa.is_long(70, 70) and not fa.is_long(70, 47)
 
 
