@@ -51,7 +51,7 @@ def _define():
     def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """softmax(q kᵀ · scale) v over (batch, tokens, heads, head dim) inputs, on the GPU."""
         if not is_long(q.shape[1], k.shape[1]):  # a token count the graph left symbolic, short this time
-            return _sdpa(q, k, v, scale)
+            return sdpa_reference(q, k, v, scale)
         from flash_attn.cute import flash_attn_func
 
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -63,11 +63,12 @@ def _define():
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
     # The same arithmetic through torch's SDPA: a reference, so that graphs using the op run anywhere.
-    flash_attention.register_kernel("cpu")(_sdpa)
+    flash_attention.register_kernel("cpu")(sdpa_reference)
     return flash_attention
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The op's arithmetic through torch's SDPA, in the op's (batch, tokens, heads, dim) layout."""
     out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                            v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2).contiguous()
