@@ -16,19 +16,20 @@ from dataclasses import dataclass, field
 import torch
 
 FUSED = "fused element-wise (compiled)"
-# inductor names a kernel after every op it fused, so the RMSNorm-and-RoPE kernel that writes
-# cuDNN attention's inputs is "triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_...":
-# its generated point-wise, reduction and persistent-reduction kernels are element-wise whatever they name.
-GENERATED_ELEMENTWISE = ("triton_poi_", "triton_red_", "triton_per_")
-GENERATED_TEMPLATE = "triton_tem_"  # inductor's matmul, convolution and flex-attention templates
 
-# (category, substrings of kernel or operator names, lower case); the first match wins. Attention
-# first: its kernels' names also hold "gemm"; cuDNN's convolution kernels hold "conv" and "gemm".
+# (category, substrings of kernel or operator names, lower case); the first match wins. inductor's
+# generated point-wise and reduction kernels first: it names a kernel after every op it fused, so the
+# RMSNorm-and-RoPE kernel that writes cuDNN attention's inputs is
+# "triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_...". Attention next: its
+# kernels' names also hold "gemm"; cuDNN's convolution kernels hold "conv" and "gemm". inductor's
+# templates ("triton_tem_") fall to the attention, convolution or matmul they were generated for.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (FUSED, ("triton_poi_", "triton_red_", "triton_per_")),
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "softmax")),
     ("convolution", ("conv", "implicit_gemm", "winograd", "fprop", "dgrad", "wgrad")),
     ("matmul", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "sm80_xmma", "scaled_mm", "aten::mm",
-                "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "mkldnn_linear", "aten::linear")),
+                "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "mkldnn_linear", "aten::linear",
+                "triton_tem_")),
     (FUSED, ("triton_", "cpp_fused", "kernel_cpp")),
     ("copy / cast / fill", ("memcpy", "memset", "copy", "aten::to", "aten::_to_copy", "cat", "fill", "zero")),
 )
@@ -38,20 +39,10 @@ TOP_KERNELS = 25
 
 def category(name: str) -> str:
     lowered = name.lower()
-    if lowered.startswith(GENERATED_ELEMENTWISE):
-        return FUSED
-    if lowered.startswith(GENERATED_TEMPLATE):
-        return _template_category(lowered)
     for label, keys in CATEGORIES:
         if any(k in lowered for k in keys):
             return label
     return OTHER
-
-
-def _template_category(lowered: str) -> str:
-    if "attention" in lowered:
-        return "attention"
-    return "convolution" if "convolution" in lowered else "matmul"
 
 
 @dataclass
